@@ -64,6 +64,13 @@ class ImageSet:
     def subset(self, index) -> "ImageSet":
         return ImageSet(self.x[index], self.y[index], list(self.classes), self.source)
 
+    def sample(self, n: int, seed: int = 0) -> "ImageSet":
+        """A seeded random subset of ``n`` images (all when ``n`` is 0 or too large). Use it instead
+        of a prefix: folder-loaded sets come sorted by class, so a prefix holds only a few classes."""
+        if not n or n >= len(self):
+            return self
+        return self.subset(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)))
+
     def tensors(self, index=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1] (N, C, H, W) and labels."""
         return to_float(self.x[index]), torch.from_numpy(self.y[index])

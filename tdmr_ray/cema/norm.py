@@ -1,0 +1,166 @@
+"""Test-time batch normalization: one BatchNorm2d subclass with the statistics modes CEMA needs.
+
+Modes (``TestTimeBatchNorm2d.mode``):
+- ``source``: the training (source) running statistics, i.e. a plain frozen model.
+- ``batch``: the current test batch's statistics only (Tent's normalization).
+- ``mix``: ``(1 - w) * source + w * batch`` per batch, stateless (the reference's forward-only
+  "BN adaptation" baseline, w = 0.5).
+- ``tbr``: batch renormalization with test-batch statistics, as in the reference's ``tbr.py``:
+  the value is normalized with running statistics ``(x - mu_r) / sqrt(var_r + eps)``, written as
+  ``(x - mu_b) / s_b * r + d`` with ``r``, ``d`` detached so that gradients flow through the
+  batch statistics. The running statistics start from the first batch seen (the reference drops
+  the source statistics) and move by EMA (``momentum``) while the module is in training mode.
+
+The TBR running statistics are the only per-model state here; :func:`read_tbr_stats` and
+:func:`load_tbr_stats` move them in and out, so one model can serve many devices (``None``
+means "not started yet: initialize from the next batch").
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_MODES = ("source", "batch", "mix", "tbr")
+TBR_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class TestTimeBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose statistics come from ``mode`` (see the module docstring)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
+        # The source statistics stay untouched; running_* hold the TBR statistics.
+        self.register_buffer("source_mean", torch.zeros(num_features))
+        self.register_buffer("source_var", torch.ones(num_features))
+        self.mode = "tbr"
+        self.mix_weight = 0.5
+        # Mirrors num_batches_tracked > 0 without a device sync per forward; load_tbr_stats sets it.
+        self.stats_started = False
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "TestTimeBatchNorm2d":
+        if not bn.affine or bn.running_mean is None:
+            raise ValueError("test-time normalization needs a BatchNorm2d with affine parameters and running stats")
+        new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum if bn.momentum is not None else 0.1)
+        with torch.no_grad():
+            new.weight.copy_(bn.weight)
+            new.bias.copy_(bn.bias)
+            new.source_mean.copy_(bn.running_mean)
+            new.source_var.copy_(bn.running_var)
+            new.running_mean.copy_(bn.running_mean)
+            new.running_var.copy_(bn.running_var)
+            new.num_batches_tracked.zero_()  # TBR statistics start from the first test batch
+        new.weight.requires_grad_(bn.weight.requires_grad)
+        new.bias.requires_grad_(bn.bias.requires_grad)
+        return new.to(bn.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "source":
+            return F.batch_norm(x, self.source_mean, self.source_var, self.weight, self.bias, False, 0.0, self.eps)
+        if self.mode == "batch":
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # The reference computes these with torch.var_mean's default (unbiased) variance.
+        var, mean = torch.var_mean(x, dim=(0, 2, 3))
+        if self.mode == "mix":
+            w = self.mix_weight
+            return F.batch_norm(x, (1 - w) * self.source_mean + w * mean, (1 - w) * self.source_var + w * var,
+                                self.weight, self.bias, False, 0.0, self.eps)
+        if self.mode != "tbr":
+            raise ValueError(f"unknown normalization mode {self.mode!r}; expected one of {NORM_MODES}")
+        if not self.stats_started:
+            self.running_mean.copy_(mean.detach())
+            self.running_var.copy_(var.detach())
+            self.num_batches_tracked.fill_(1)
+            self.stats_started = True
+        if torch.is_grad_enabled():
+            shape = (1, -1, 1, 1)
+            batch_std = torch.sqrt(var + self.eps)
+            running_std = torch.sqrt(self.running_var + self.eps)
+            r = (batch_std.detach() / running_std).view(shape)
+            d = ((mean.detach() - self.running_mean) / running_std).view(shape)
+            y = (x - mean.view(shape)) / batch_std.view(shape) * r + d
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        else:  # same value, no graph: normalize with the running statistics directly
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.add_(self.momentum * (mean.detach() - self.running_mean))
+                self.running_var.add_(self.momentum * (var.detach() - self.running_var))
+                self.num_batches_tracked.add_(1)
+        return y
+
+
+def convert_to_test_time_bn(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every BatchNorm2d replaced by :class:`TestTimeBatchNorm2d`.
+
+    Module names do not change, so normalization parameter names (the edge update) stay the same.
+    Every parameter is frozen except the normalization affine parameters.
+    """
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                setattr(module, child_name, TestTimeBatchNorm2d.from_batchnorm(child))
+    model.requires_grad_(False)
+    for m in test_time_bn_modules(model).values():
+        m.weight.requires_grad_(True)
+        m.bias.requires_grad_(True)
+    model.eval()
+    return model
+
+
+def test_time_bn_modules(model: nn.Module) -> dict[str, TestTimeBatchNorm2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TestTimeBatchNorm2d)}
+
+
+def set_norm_mode(model: nn.Module, mode: str, update_stats: bool = False, mix_weight: float = 0.5,
+                  momentum: float = 0.1) -> None:
+    """Select the statistics mode of every test-time BN; ``update_stats`` moves the TBR running
+    statistics by EMA with ``momentum``; ``mix_weight`` is the batch's share in ``mix`` mode."""
+    if mode not in NORM_MODES:
+        raise ValueError(f"unknown normalization mode {mode!r}; expected one of {NORM_MODES}")
+    for m in test_time_bn_modules(model).values():
+        m.mode = mode
+        m.mix_weight = mix_weight
+        m.momentum = momentum
+        m.train(update_stats)
+
+
+def read_tbr_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the TBR running statistics, keyed ``<module>.running_mean`` etc."""
+    return {f"{n}.{b}": getattr(m, b).detach().clone()
+            for n, m in test_time_bn_modules(model).items() for b in TBR_BUFFERS}
+
+
+def load_tbr_stats(model: nn.Module, stats: dict[str, torch.Tensor] | None) -> None:
+    """Load TBR statistics (all of them), or with ``None`` mark every layer as not started."""
+    modules = test_time_bn_modules(model)
+    with torch.no_grad():
+        if stats is None:
+            for m in modules.values():
+                m.num_batches_tracked.zero_()
+                m.stats_started = False
+            return
+        expected = {f"{n}.{b}" for n in modules for b in TBR_BUFFERS}
+        if set(stats) != expected:
+            missing, unexpected = sorted(expected - set(stats)), sorted(set(stats) - expected)
+            raise ValueError(f"TBR statistics do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        for n, m in modules.items():
+            for b in TBR_BUFFERS:
+                getattr(m, b).copy_(stats[f"{n}.{b}"])
+            m.stats_started = bool(stats[f"{n}.num_batches_tracked"] > 0)
+
+
+def check_tbr_stats(reference: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless ``stats`` has the keys and shapes of ``reference`` and finite values."""
+    if set(stats) != set(reference):
+        raise ValueError(f"TBR statistics keys differ: missing {sorted(set(reference) - set(stats))[:4]}, "
+                         f"unexpected {sorted(set(stats) - set(reference))[:4]}")
+    for k, v in stats.items():
+        if not isinstance(v, torch.Tensor) or v.shape != reference[k].shape:
+            raise ValueError(f"TBR statistic {k}: expected shape {tuple(reference[k].shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"TBR statistic {k} is not finite")

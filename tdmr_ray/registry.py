@@ -1,0 +1,205 @@
+"""Versioned models and edge parameter sets on a local directory or any pyarrow filesystem (S3).
+
+Layout: ``<root>/<name>/v000001/{tensors.safetensors, meta.json}``. ``meta.json`` is written last
+and carries the tensors file's SHA-256, so a version exists for readers only once it is complete
+(publish is atomic) and a corrupt or swapped file is detected. Tensors are safetensors: loading
+never unpickles anything.
+
+Kinds: ``model`` (a full model; ``format`` says how to rebuild it) and ``edge-params`` (a
+normalization-affine parameter set applied on top of a ``base`` model version).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.fs as pafs
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .storage import filesystem_for, join, resolve_storage
+
+TENSORS, META = "tensors.safetensors", "meta.json"
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# format -> function(tensors, meta) -> nn.Module; other packages (GDFQ) register theirs.
+MODEL_LOADERS: dict[str, Callable] = {}
+
+
+class RegistryError(ValueError):
+    pass
+
+
+@dataclass
+class Version:
+    name: str
+    version: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``name`` or ``name@vN`` / ``name@N`` -> (name, version or None for latest)."""
+    name, _, ver = ref.partition("@")
+    return name, (int(ver.lstrip("v")) if ver else None)
+
+
+def _load_normalized_model(tensors: dict, meta: dict):
+    from .models import build_from_arch
+
+    model = build_from_arch(meta["architecture"])
+    result = model.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RegistryError(f"{meta['name']}@v{meta['version']}: weights do not fit {meta['architecture']}: "
+                            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return model.eval()
+
+
+MODEL_LOADERS["normalized-model"] = _load_normalized_model
+
+
+class Registry:
+    def __init__(self, uri: str | None = None):
+        """``uri``: the registry's own root, a local path or ``s3://bucket/prefix``."""
+        self.uri = uri or join(resolve_storage(None), "registry")
+        self.fs, self.root = filesystem_for(self.uri)
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    @classmethod
+    def for_storage(cls, storage: str | None) -> "Registry":
+        """The registry of a job's storage URI: ``<storage>/registry``."""
+        return cls(join(resolve_storage(storage), "registry"))
+
+    # -- writing ---------------------------------------------------------------------------
+    def publish(self, name: str, tensors: dict[str, torch.Tensor], *, kind: str, format: str,
+                architecture: dict | None = None, parent: str | None = None, metrics: dict | None = None,
+                extra: dict | None = None) -> Version:
+        """Store a new version of ``name``; returns it once readers can see it."""
+        if not _NAME.match(name):
+            raise RegistryError(f"bad registry name {name!r}: use letters, digits, '.', '_', '-'")
+        payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        version, vdir = self._claim_version(name)
+        meta = {"name": name, "version": version, "kind": kind, "format": format,
+                "architecture": architecture, "parent": parent, "metrics": metrics or {},
+                "created": datetime.now(timezone.utc).isoformat(), "sha256": hashlib.sha256(payload).hexdigest(),
+                "bytes": len(payload), **(extra or {})}
+        self._write(join(vdir, TENSORS), payload)
+        self._write(join(vdir, META), json.dumps(meta, indent=1, default=str).encode())  # commit point
+        return Version(name, version, meta)
+
+    def publish_model(self, name: str, model, *, parent: str | None = None, metrics: dict | None = None,
+                      format: str = "normalized-model", extra: dict | None = None) -> Version:
+        return self.publish(name, model.state_dict(), kind="model", format=format,
+                            architecture=getattr(model, "arch", None), parent=parent, metrics=metrics,
+                            extra=extra)
+
+    def publish_edge_params(self, name: str, params: dict[str, torch.Tensor], *, base: str,
+                            parent: str | None = None, metrics: dict | None = None,
+                            extra: dict | None = None) -> Version:
+        """A normalization-affine parameter set for model version ``base`` (``name@vN``)."""
+        return self.publish(name, params, kind="edge-params", format="norm-affine", parent=parent,
+                            metrics=metrics, extra={"base": base, **(extra or {})})
+
+    def _claim_version(self, name: str) -> tuple[int, str]:
+        latest = self.latest_version(name, complete_only=False) or 0
+        while True:
+            latest += 1
+            vdir = join(self.root, name, f"v{latest:06d}")
+            if not self._local:  # object stores: one writer per name (documented)
+                return latest, vdir
+            Path(vdir).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(vdir)  # atomic claim among concurrent local writers
+                return latest, vdir
+            except FileExistsError:
+                continue
+
+    def _write(self, path: str, data: bytes) -> None:
+        if self._local:
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            Path(tmp).write_bytes(data)
+            os.replace(tmp, path)
+        else:  # a single PUT: objects appear whole or not at all
+            with self.fs.open_output_stream(path) as out:
+                out.write(data)
+
+    # -- reading ---------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        info = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(i.base_name for i in info if i.type == pafs.FileType.Directory and _NAME.match(i.base_name))
+
+    def versions(self, name: str, complete_only: bool = True) -> list[int]:
+        infos = self.fs.get_file_info(pafs.FileSelector(join(self.root, name), allow_not_found=True))
+        found = sorted(int(m.group(1)) for i in infos if (m := _VERSION_DIR.match(i.base_name)))
+        if not complete_only:
+            return found
+        metas = self.fs.get_file_info([join(self.root, name, f"v{v:06d}", META) for v in found])
+        return [v for v, i in zip(found, metas) if i.type == pafs.FileType.File]
+
+    def latest_version(self, name: str, complete_only: bool = True) -> int | None:
+        found = self.versions(name, complete_only)
+        return found[-1] if found else None
+
+    def meta(self, name: str, version: int | None = None) -> dict:
+        version = self._resolve(name, version)
+        path = join(self.root, name, f"v{version:06d}", META)
+        try:
+            return json.loads(self._read(path))
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{path}: corrupt metadata ({exc})") from exc
+
+    def load_tensors(self, name: str, version: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        meta = self.meta(name, version)
+        path = join(self.root, name, f"v{meta['version']:06d}", TENSORS)
+        payload = self._read(path)
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest != meta.get("sha256"):
+            raise RegistryError(f"{path}: checksum mismatch (file {digest[:12]}…, metadata "
+                                f"{str(meta.get('sha256'))[:12]}…): the file is corrupt or was replaced")
+        try:
+            return st_load(payload), meta
+        except Exception as exc:
+            raise RegistryError(f"{path}: not a valid safetensors file ({exc})") from exc
+
+    def load_model(self, name: str, version: int | None = None):
+        tensors, meta = self.load_tensors(name, version)
+        if meta.get("kind") != "model":
+            raise RegistryError(f"{name}@v{meta['version']} is a {meta.get('kind')!r}, not a model")
+        loader = MODEL_LOADERS.get(meta.get("format"))
+        if loader is None:
+            raise RegistryError(f"{name}@v{meta['version']}: unknown model format {meta.get('format')!r} "
+                                f"(known: {sorted(MODEL_LOADERS)})")
+        return loader(tensors, meta)
+
+    def load_ref(self, ref: str):
+        """``name[@vN]`` -> model (for kind model) or (params, meta) for edge parameter sets."""
+        name, version = parse_ref(ref)
+        if self.meta(name, version).get("kind") == "model":
+            return self.load_model(name, version)
+        return self.load_tensors(name, version)
+
+    def _resolve(self, name: str, version: int | None) -> int:
+        if version is None:
+            version = self.latest_version(name)
+            if version is None:
+                raise RegistryError(f"no model or parameter set named {name!r} in registry {self.root} "
+                                    f"(known: {self.names()[:20]})")
+        return version
+
+    def _read(self, path: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except (FileNotFoundError, OSError) as exc:
+            raise RegistryError(f"cannot read {path}: {exc}") from exc

@@ -1,0 +1,49 @@
+"""Storage URIs: a local path (default) or ``s3://bucket/prefix``, as a pyarrow filesystem.
+
+S3 credentials come from the standard AWS environment/profile/instance profile. An S3-compatible
+endpoint (MinIO, moto) is set with ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+DEFAULT_STORAGE = "~/tdmr_ray/storage"
+
+
+def resolve_storage(uri: str | None) -> str:
+    """The storage URI to use: the argument, ``$TDMR_STORAGE``, or ``~/tdmr_ray/storage``."""
+    uri = uri or os.environ.get("TDMR_STORAGE") or DEFAULT_STORAGE
+    return uri if is_remote(uri) else str(Path(uri).expanduser().resolve())
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {}
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        kwargs.update(endpoint_override=host or endpoint, scheme=scheme or "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a storage URI."""
+    uri = resolve_storage(uri)
+    if uri.startswith("s3://"):
+        return s3_filesystem(), uri.removeprefix("s3://").rstrip("/")
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), uri.removeprefix("file://")
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p)

@@ -1,0 +1,70 @@
+"""Shared fixtures: offline data/weights from ../shared, one local Ray instance per session, moto S3."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TDMR_SHARED", REPO.parent / "shared"))
+os.environ.setdefault("TDMR_DATA", str(SHARED / "data"))
+os.environ.setdefault("TDMR_WEIGHTS", str(SHARED / "weights" / "cifar10-resnet"))
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray instance for the whole test session (2 CPUs, like CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in ("TDMR_DATA", "TDMR_WEIGHTS")}})
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint (moto's server on 127.0.0.1) with a bucket ``tdmr-test``; sets AWS_* env."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="tdmr-test")
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def clean_subset():
+    from tdmr_ray.data import load_dataset
+
+    return load_dataset("cifar10-clean-subset", "test")
+
+
+@pytest.fixture(scope="session")
+def jpeg_test():
+    from tdmr_ray.data import load_dataset
+
+    return load_dataset("cifar10-jpeg", "test")

@@ -1,0 +1,94 @@
+import json
+import threading
+
+import pytest
+import torch
+
+from tdmr_ray.models import create_model, get_norm_affine
+from tdmr_ray.registry import Registry, RegistryError
+
+
+@pytest.fixture(params=["local", "s3"])
+def registry(request, tmp_path):
+    if request.param == "local":
+        return Registry(str(tmp_path / "reg"))
+    request.getfixturevalue("s3_server")
+    return Registry(f"s3://tdmr-test/reg-{request.node.name.replace('[', '-').rstrip(']')}-{id(tmp_path)}")
+
+
+def test_model_round_trip_with_metadata(registry):
+    model = create_model("resnet20")
+    v1 = registry.publish_model("edge", model, metrics={"top1": 91.6})
+    v2 = registry.publish_model("edge", model, parent=v1.ref)
+    assert (v1.version, v2.version) == (1, 2) and registry.versions("edge") == [1, 2]
+    loaded = registry.load_model("edge")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    meta = registry.meta("edge", 1)
+    assert meta["architecture"] == {"name": "resnet20", "num_classes": 10, "in_chans": 3}
+    assert meta["metrics"] == {"top1": 91.6} and registry.meta("edge")["parent"] == "edge@v1"
+    assert "created" in meta and registry.names() == ["edge"]
+
+
+def test_edge_params_round_trip(registry):
+    params = get_norm_affine(create_model("resnet20"))
+    v = registry.publish_edge_params("dev-7", params, base="edge@v1", metrics={"samples": 64})
+    tensors, meta = registry.load_tensors("dev-7", v.version)
+    assert meta["kind"] == "edge-params" and meta["base"] == "edge@v1"
+    assert tensors.keys() == params.keys() and all(torch.equal(tensors[k], params[k]) for k in params)
+    with pytest.raises(RegistryError, match="not a model"):
+        registry.load_model("dev-7")
+
+
+def test_unknown_name_and_bad_name(registry):
+    with pytest.raises(RegistryError, match="no model or parameter set named 'ghost'"):
+        registry.load_model("ghost")
+    with pytest.raises(RegistryError, match="bad registry name"):
+        registry.publish("../escape", {}, kind="model", format="normalized-model")
+
+
+def test_corrupt_tensor_file_is_detected_and_named(tmp_path):
+    registry = Registry(str(tmp_path / "reg"))
+    registry.publish_model("edge", create_model("resnet20"))
+    good = registry.publish_model("edge", create_model("resnet20"))
+    path = tmp_path / "reg" / "edge" / "v000002" / "tensors.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="v000002/tensors.safetensors: checksum mismatch"):
+        registry.load_model("edge", good.version)
+    assert registry.load_model("edge", 1) is not None  # nothing else lost
+
+
+def test_mismatched_architecture_is_named(tmp_path):
+    registry = Registry(str(tmp_path / "reg"))
+    v = registry.publish_model("edge", create_model("resnet20"))
+    meta_path = tmp_path / "reg" / "edge" / "v000001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["architecture"]["name"] = "resnet32"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(RegistryError, match="do not fit"):
+        registry.load_model("edge", v.version)
+    meta_path.write_text("{not json")
+    with pytest.raises(RegistryError, match="corrupt metadata"):
+        registry.meta("edge", 1)
+
+
+def test_half_written_version_is_invisible(tmp_path):
+    registry = Registry(str(tmp_path / "reg"))
+    registry.publish_model("edge", create_model("resnet20"))
+    (tmp_path / "reg" / "edge" / "v000002").mkdir()
+    (tmp_path / "reg" / "edge" / "v000002" / "tensors.safetensors").write_bytes(b"partial")
+    assert registry.latest_version("edge") == 1
+    assert registry.publish_model("edge", create_model("resnet20")).version == 3
+
+
+def test_concurrent_local_publishers_get_distinct_versions(tmp_path):
+    registry = Registry(str(tmp_path / "reg"))
+    params = {"w": torch.ones(3)}
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(registry.publish("p", params, kind="edge-params",
+                                                                           format="norm-affine").version))
+               for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(out) == list(range(1, 9)) and registry.versions("p") == list(range(1, 9))
