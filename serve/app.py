@@ -1,0 +1,224 @@
+"""Ray Serve application: edge models from the registry over HTTP, always on their newest parameters.
+
+Routes: ``POST /predict`` (see serve/codec.py for the body), ``GET /healthz``, ``GET /models``.
+A request names its device or group with Serve's multiplexing header ``serve_multiplexed_model_id``;
+the replica then applies that id's newest normalization-parameter set (registry name
+``<params_prefix><id>``) on top of the shared frozen model. Without the header the base model answers.
+
+New versions are picked up by *polling* the registry (every ``poll_interval_s``): the registry is
+the single source of truth that the cloud adapter already writes, polling needs no channel from the
+adapter to every replica on every node, and a version is swapped in between two batches, so no
+request fails or sees a half-applied set.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import re
+import time
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from serve.codec import BadRequest, decode_request
+from tdmr_ray.models import norm_affine_parameters, set_norm_affine
+from tdmr_ray.registry import Registry, RegistryError
+
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+DEFAULTS = {
+    "registry": "",  # registry URI; default <$TDMR_STORAGE>/registry
+    "model": "resnet20-cifar10",  # registry name of the base model (newest version served)
+    "params_prefix": "edge-",  # device/group id -> registry name of its parameter sets
+    "input_size": 32,
+    "poll_interval_s": 2.0,
+    "max_batch_size": 64,
+    "batch_wait_timeout_s": 0.002,
+    "max_images_per_request": 256,
+    "max_request_bytes": 16 * 1024 * 1024,
+    "api_key": "",  # or $TDMR_SERVE_API_KEY; sent as "Authorization: Bearer <key>" or "X-API-Key"
+    "threads": 1,
+}
+
+
+@dataclass
+class ParamSet:
+    """One device's newest parameter set; the poller replaces ``params``/``ref`` in place."""
+
+    name: str
+    params: dict
+    ref: str
+
+
+class UnknownDevice(Exception):
+    pass
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+class EdgeModelServer:
+    def __init__(self, **config):
+        self.config = dict(DEFAULTS)
+        self.model = None
+        self.model_ref = ""
+        self._sets: weakref.WeakValueDictionary[str, ParamSet] = weakref.WeakValueDictionary()
+        self._poller: asyncio.Task | None = None
+        self._bound_config = config
+        if config:  # bind() arguments; otherwise Serve calls reconfigure(user_config) next
+            self.reconfigure(config)
+
+    # -- configuration and reloading -------------------------------------------------------
+    def reconfigure(self, user_config: dict) -> None:
+        unknown = set(user_config) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown serve config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        self.config.update(user_config)
+        torch.set_num_threads(int(self.config["threads"]))
+        self.registry = Registry(self.config["registry"] or None)
+        self.api_key = self.config["api_key"] or os.environ.get("TDMR_SERVE_API_KEY", "")
+        self.predict_batch.set_max_batch_size(int(self.config["max_batch_size"]))
+        self.predict_batch.set_batch_wait_timeout_s(float(self.config["batch_wait_timeout_s"]))
+        self._load_base_model()
+
+    def _load_base_model(self) -> None:
+        name = self.config["model"]
+        version = self.registry.latest_version(name)
+        if version is None:
+            raise RegistryError(f"serve: no model named {name!r} in registry {self.registry.uri}")
+        ref = f"{name}@v{version}"
+        if ref == self.model_ref:
+            return
+        model = self.registry.load_model(name, version).eval()
+        meta = self.registry.meta(name, version)
+        self.classes = meta.get("classes") or [str(i) for i in range(model.num_classes)]
+        self.channels = model.arch.get("in_chans", 3)
+        self.model, self.model_ref = model, ref  # swapped between batches: requests see one or the other
+        self.live_affine = norm_affine_parameters(model)
+        self.base_affine = {k: v.detach().clone() for k, v in self.live_affine.items()}
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(float(self.config["poll_interval_s"]))
+            try:
+                self._load_base_model()
+                for param_set in list(self._sets.values()):
+                    self._refresh(param_set)
+            except Exception as exc:  # keep serving the versions we have
+                print(f"[serve] poll failed, keeping current versions: {exc}", flush=True)
+
+    def _refresh(self, param_set: ParamSet) -> None:
+        version = self.registry.latest_version(param_set.name)
+        if version is not None and f"{param_set.name}@v{version}" != param_set.ref:
+            params, meta = self.registry.load_tensors(param_set.name, version)
+            set_norm_affine(self.model, params)  # validates all keys/shapes before use
+            self._apply(self.base_affine)
+            param_set.params, param_set.ref = params, f"{param_set.name}@v{version}"
+
+    @serve.multiplexed(max_num_models_per_replica=256)
+    async def get_param_set(self, device_id: str) -> ParamSet:
+        name = f"{self.config['params_prefix']}{device_id}"
+        if self.registry.latest_version(name) is None:
+            raise UnknownDevice(f"unknown device or group {device_id!r}: no parameter set {name!r} in the registry")
+        param_set = ParamSet(name, {}, "")
+        self._refresh(param_set)
+        self._sets[device_id] = param_set
+        return param_set
+
+    # -- inference ---------------------------------------------------------------------------
+    def _apply(self, params: dict) -> None:
+        with torch.no_grad():
+            for k, p in self.live_affine.items():
+                p.copy_(params[k])
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def predict_batch(self, requests: list[tuple[np.ndarray, ParamSet | None]]) -> list[dict]:
+        # Serve splits batches by multiplexed id, so one batch shares one parameter set.
+        param_set = requests[0][1]
+        sizes = [len(x) for x, _ in requests]
+        x = torch.from_numpy(np.concatenate([x for x, _ in requests])).permute(0, 3, 1, 2).float().div_(255)
+        params, params_ref = (param_set.params, param_set.ref) if param_set else (self.base_affine, None)
+        with torch.inference_mode():
+            self._apply(params)
+            probs = torch.softmax(self.model(x), dim=1)
+        out, start = [], 0
+        for n in sizes:
+            chunk = probs[start:start + n]
+            start += n
+            out.append({"predictions": [{"class": int(p.argmax()), "label": self.classes[int(p.argmax())],
+                                         "probabilities": [round(float(v), 6) for v in p]} for p in chunk],
+                        "model": self.model_ref, "params": params_ref})
+        return out
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if self.model is None:  # deployed without user_config or bind() arguments: the defaults
+            self.reconfigure({})
+        self._ensure_poller()
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        try:
+            if path.endswith("/healthz") and method == "GET":
+                return JSONResponse({"status": "ok", "model": self.model_ref})
+            self._check_key(request)
+            if path.endswith("/models") and method == "GET":
+                return JSONResponse(self._describe())
+            if path.endswith("/predict"):
+                if method != "POST":
+                    raise BadRequest(405, "use POST for /predict")
+                return JSONResponse(await self._predict(request))
+            raise BadRequest(404, f"no route {method} {path}; routes: POST /predict, GET /healthz, GET /models")
+        except BadRequest as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except UnknownDevice as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+
+    async def _predict(self, request: Request) -> dict:
+        limit = int(self.config["max_request_bytes"])
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise BadRequest(413, f"request body over {limit} bytes")
+        body = await request.body()
+        if len(body) > limit:
+            raise BadRequest(413, f"request body over {limit} bytes")
+        x = decode_request(body, int(self.config["input_size"]), self.channels,
+                           int(self.config["max_images_per_request"]))
+        device_id = serve.get_multiplexed_model_id()
+        param_set = None
+        if device_id:
+            if not DEVICE_ID.match(device_id):
+                raise BadRequest(400, f"bad device id {device_id!r}: letters, digits, '.', '_', '-'")
+            try:
+                param_set = await self.get_param_set(device_id)
+            except UnknownDevice:
+                raise
+            except RegistryError as exc:
+                raise BadRequest(502, f"parameters for {device_id!r} could not be loaded: {exc}") from None
+            except ValueError as exc:  # a set that does not fit the served model
+                raise BadRequest(409, f"parameters for {device_id!r} do not fit {self.model_ref}: {exc}") from None
+        return await self.predict_batch((x, param_set))
+
+    def _check_key(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise BadRequest(401, "missing or wrong API key (send 'Authorization: Bearer <key>' or 'X-API-Key')")
+
+    def _describe(self) -> dict:
+        meta = self.registry.meta(*self.model_ref.split("@v")[:1])
+        return {"model": self.model_ref, "architecture": meta.get("architecture"), "format": meta.get("format"),
+                "metrics": meta.get("metrics"), "classes": self.classes,
+                "loaded_params": {k: v.ref for k, v in self._sets.items()}, "time": time.time()}
+
+
+def build(args: dict | None = None):
+    """Application builder for ``serve run serve.app:build key=value`` and serve/config.yaml."""
+    return EdgeModelServer.bind(**(args or {}))
+
+
+app = EdgeModelServer.bind()

@@ -1,0 +1,119 @@
+"""A real Serve instance on loopback, real HTTP requests: predictions, bad input, version updates."""
+import base64
+import io
+import socket
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from serve.codec import encode_array
+from tdmr_ray.models import create_model, get_norm_affine
+from tdmr_ray.registry import Registry
+
+HDR = "serve_multiplexed_model_id"
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory, clean_subset):
+    from ray import serve
+
+    from serve.app import build
+
+    reg_uri = str(tmp_path_factory.mktemp("serve") / "registry")
+    registry = Registry(reg_uri)
+    model = create_model("resnet20", pretrained=True).eval()
+    base = registry.publish_model("resnet20-cifar10", model, extra={"classes": clean_subset.classes})
+    registry.publish_edge_params("edge-dev-1", get_norm_affine(model), base=base.ref)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build({"registry": reg_uri, "poll_interval_s": 0.2, "max_request_bytes": 200_000}),
+              name="edge", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    yield url, registry, model
+    serve.shutdown()
+
+
+def test_predict_array_and_png_agree_with_local_model(server, clean_subset):
+    url, _, model = server
+    x = clean_subset.x[:8]
+    r = requests.post(f"{url}/predict", json=encode_array(x), timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    with torch.inference_mode():
+        expected = model(clean_subset.tensors(slice(0, 8))[0]).argmax(1).tolist()
+    assert [p["class"] for p in body["predictions"]] == expected
+    assert body["model"] == "resnet20-cifar10@v1" and body["params"] is None
+    assert abs(sum(body["predictions"][0]["probabilities"]) - 1) < 1e-3
+    pngs = []
+    for img in x[:2]:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        pngs.append(base64.b64encode(buf.getvalue()).decode())
+    r = requests.post(f"{url}/predict", json={"images": pngs}, timeout=30)
+    assert [p["class"] for p in r.json()["predictions"]] == expected[:2]
+    assert r.json()["predictions"][0]["label"] == clean_subset.classes[expected[0]]
+
+
+def test_bad_inputs_get_4xx_naming_the_problem(server):
+    url, _, _ = server
+    cases = [
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"foo": 1}', 400, "needs 'images' or 'array'"),
+        (b'{"images": ["!!!"]}', 400, "not valid base64"),
+        (b'{"images": ["' + base64.b64encode(b"hello").decode().encode() + b'"]}', 400, "cannot be decoded"),
+        (b'{"array": "AAAA", "shape": [1, 2, 2, 1], "dtype": "uint8"}', 422, "holds 3 bytes"),
+        (b'{"array": "AAAA", "shape": [1, 1, 1, 3], "dtype": "float32"}', 422, "dtype must be 'uint8'"),
+    ]
+    for body, status, message in cases:
+        r = requests.post(f"{url}/predict", data=body, timeout=30)
+        assert r.status_code == status and message in r.json()["error"], (body, r.text)
+    wrong = requests.post(f"{url}/predict", json=encode_array(np.zeros((1, 28, 28, 3), np.uint8)), timeout=30)
+    assert wrong.status_code == 422 and "32x32" in wrong.json()["error"]
+    big = requests.post(f"{url}/predict", json=encode_array(np.zeros((100, 32, 32, 3), np.uint8)), timeout=30)
+    assert big.status_code == 413
+    unknown = requests.post(f"{url}/predict", json=encode_array(np.zeros((1, 32, 32, 3), np.uint8)),
+                            headers={HDR: "dev-404"}, timeout=30)
+    assert unknown.status_code == 404 and "dev-404" in unknown.json()["error"]
+    assert requests.get(f"{url}/predict", timeout=30).status_code == 405
+    assert requests.get(f"{url}/nope", timeout=30).status_code == 404
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"  # still serving
+
+
+def test_device_params_and_hot_update(server, clean_subset):
+    url, registry, model = server
+    x = encode_array(clean_subset.x[:16])
+    r = requests.post(f"{url}/predict", json=x, headers={HDR: "dev-1"}, timeout=30)
+    assert r.status_code == 200 and r.json()["params"] == "edge-dev-1@v1"
+    before = r.json()["predictions"]
+    # A new version that breaks the classifier's input BN: predictions must change once picked up.
+    params = get_norm_affine(model)
+    params = {k: (torch.zeros_like(v) if k.endswith("bn1.weight") else v) for k, v in params.items()}
+    registry.publish_edge_params("edge-dev-1", params, base="resnet20-cifar10@v1")
+    seen, failures = [], 0
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        r = requests.post(f"{url}/predict", json=x, headers={HDR: "dev-1"}, timeout=30)
+        failures += r.status_code != 200
+        seen.append(r.json()["params"])
+        if seen[-1] == "edge-dev-1@v2":
+            break
+        time.sleep(0.1)
+    assert failures == 0 and seen[-1] == "edge-dev-1@v2"
+    assert r.json()["predictions"] != before
+    base = requests.post(f"{url}/predict", json=x, timeout=30).json()
+    assert base["params"] is None and base["predictions"] == before  # other ids unaffected
+    models = requests.get(f"{url}/models", timeout=30).json()
+    assert models["model"] == "resnet20-cifar10@v1" and models["loaded_params"]["dev-1"] == "edge-dev-1@v2"
