@@ -2,7 +2,8 @@
 
 The rules follow GDFQ's reference code (xushoukai/GDFQ, ``quantization_utils``, taken from ZeroQ):
 
-* Asymmetric uniform grid of ``2**bits`` levels spanning exactly ``[lo, hi]``:
+* Asymmetric uniform grid of ``2**bits`` levels with the step of the exact range ``[lo, hi]`` and an
+  integral zero point (so the grid ends lie within half a step of ``lo`` and ``hi``):
   ``scale = (hi - lo) / (2**bits - 1)``, ``zero_point = round(-lo / scale)``,
   ``q = clamp(round(x / scale) + zero_point, 0, 2**bits - 1)``, ``x_hat = (q - zero_point) * scale``.
   (The reference writes it as a signed grid shifted by ``2**(bits-1)``; the levels are the same.)
@@ -16,7 +17,7 @@ The rules follow GDFQ's reference code (xushoukai/GDFQ, ``quantization_utils``, 
 Why not ``torch.ao.quantization``'s FakeQuantize/observers: none of them matches these rules exactly.
 (1) Their qparams always widen the range to include 0 and require ``zero_point`` inside
 ``[quant_min, quant_max]`` (``torch.fake_quantize_per_channel_affine`` rejects anything else); the
-reference spans the exact min/max, which differs for channels whose weights all have one sign
+reference takes the step from the exact min/max, which differs for channels whose weights all have one sign
 (common in depthwise convolutions). (2) ``PerChannelMinMaxObserver`` keeps a running min/max over all
 calls instead of the current weights' min/max. (3) ``MovingAverageMinMaxObserver`` is a plain EMA
 started at the first batch, without the bias correction. (4) FakeQuantize's backward zeroes the
@@ -42,7 +43,7 @@ def check_bits(bits: int, what: str = "bits") -> int:
 
 
 def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step and integer offset (as float) of the ``2**bits``-level grid spanning ``[lo, hi]``.
+    """Step and integer offset (as float) of the ``2**bits``-level grid for the range ``[lo, hi]``.
 
     ``zero_point`` may lie outside ``[0, 2**bits - 1]`` when the range does not contain 0.
     """

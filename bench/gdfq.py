@@ -1,0 +1,203 @@
+"""GDFQ against its data-free baselines: top-1 of FP, noise calibration, ZeroQ-style and GDFQ.
+
+For each model (pretrained CIFAR ResNets) and bit width (W8A8, W6A6, W4A4 by default): accuracy on
+the clean subset (1,017 exact test images) and the JPEG test set (10,000; ``--jpeg-limit`` samples).
+Every figure is the *final* model's: nothing is selected on test data.
+
+* ``fp``: the float model.
+* ``noise``: activation ranges calibrated on Gaussian noise, no fine-tuning.
+* ``zeroq``: ranges calibrated on BN-statistics-optimised images (distilled once per model and shared
+  by all bit widths).
+* ``gdfq``: generator + fine-tuning. All bit widths of a model train on one generator stream (the
+  generator's loss never involves a quantized model, so this equals separate runs with the same seed).
+
+Presets: ``paper`` is the reference schedule (400 epochs x 200 iterations x batch 200, for a GPU);
+``quick`` is a CPU schedule (about 20 minutes for ResNet-20 at three bit widths on 2 idle cores)
+whose departures from the reference are listed in ``QUICK_NOTES`` and in the output.
+
+    TDMR_DATA=../shared/data TDMR_WEIGHTS=../shared/weights/cifar10-resnet \\
+        python bench/gdfq.py --preset quick --models resnet20
+
+Writes ``bench/results/gdfq_<preset>.{json,md}`` (``--tag`` appends to the name).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import torch  # noqa: E402
+
+from tdmr_ray.data import load_dataset  # noqa: E402
+from tdmr_ray.evaluation import accuracy  # noqa: E402
+from tdmr_ray.gdfq.baselines import CalibrationConfig, distill_images, noise_calibrated, zeroq_calibrated  # noqa: E402
+from tdmr_ray.gdfq.train import GDFQConfig, run_gdfq  # noqa: E402
+from tdmr_ray.models import create_model  # noqa: E402
+from tdmr_ray.utils import write_atomic  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("fp", "noise", "zeroq", "gdfq")
+EVAL_BATCH = 500
+
+PRESETS = {
+    "paper": (GDFQConfig(), CalibrationConfig()),
+    "quick": (GDFQConfig(epochs=16, iters_per_epoch=25, batch_size=32, warmup_epochs=8, range_update_epochs=8,
+                         lr_milestones=(12,)),
+              CalibrationConfig(batches=1, batch_size=128, zeroq_iters=200)),
+}
+QUICK_NOTES = [
+    "GDFQ schedule shrunk from 400 epochs x 200 iterations x batch 200 to 16 x 25 x 32 (~1/2000 of the images); "
+    "warm-up and range-update epochs 8 (of 16) instead of 4 (of 400), so the generator is trained before "
+    "the quantized model sees it; one lr decay (x0.1) at epoch 12 instead of 100/200/300",
+    "ZeroQ-style: 128 images, 200 Adam steps (ZeroQ: 500)",
+    "noise and ZeroQ-style calibration: one batch of 128 (plain min/max)",
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    p.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4], help="WkAk for each k")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--jpeg-limit", type=int, default=0, help="JPEG test images (0: all 10,000; else a seeded sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--data-root", default=None, help="default: $TDMR_DATA (weights come from $TDMR_WEIGHTS)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="suffix for the result file names")
+    return p.parse_args(argv)
+
+
+def evaluate(model, sets: dict, device) -> dict:
+    return {name: round(accuracy(model, data, batch_size=EVAL_BATCH, device=device), 2) for name, data in sets.items()}
+
+
+def bench_model(name: str, args, gdfq_cfg: GDFQConfig, calib_cfg: CalibrationConfig, sets: dict) -> dict:
+    device = torch.device(args.device)
+    fp = create_model(name, pretrained=True).to(device).eval()
+    out = {"top1": {}, "seconds": {}, "gdfq_last_epoch": None}
+
+    def record(method, bits, model, seconds):
+        key = f"W{bits}A{bits}" if bits else "FP"
+        out["top1"].setdefault(key, {})[method] = evaluate(model, sets, device)
+        out["seconds"].setdefault(key, {})[method] = round(seconds, 1)
+        print(f"{name:9s} {key:5s} {method:6s} " + "  ".join(f"{s} {a:6.2f}" for s, a in out["top1"][key][method].items())
+              + f"  ({seconds:.0f}s)", flush=True)
+
+    if "fp" in args.methods:
+        record("fp", None, fp, 0.0)
+    if "noise" in args.methods:
+        for bits in args.bits:
+            start = time.perf_counter()
+            qmodel, _ = noise_calibrated(fp, bits, bits, calib_cfg)
+            record("noise", bits, qmodel, time.perf_counter() - start)
+    if "zeroq" in args.methods:
+        start = time.perf_counter()
+        rng = torch.Generator(device=device).manual_seed(calib_cfg.seed)
+        images = torch.cat([distill_images(fp, calib_cfg.batch_size, calib_cfg, rng) for _ in range(calib_cfg.batches)])
+        out["seconds"]["zeroq_distill"] = round(time.perf_counter() - start, 1)
+        for bits in args.bits:
+            start = time.perf_counter()
+            qmodel, _ = zeroq_calibrated(fp, bits, bits, calib_cfg, images=images)
+            record("zeroq", bits, qmodel, time.perf_counter() - start)
+    if "gdfq" in args.methods:
+        start = time.perf_counter()
+
+        def progress(state, metrics):
+            shown = {k: round(v, 3) for k, v in metrics.items() if isinstance(v, float)}
+            print(f"  gdfq {name} epoch {metrics['epoch'] + 1}/{gdfq_cfg.epochs} {shown}", file=sys.stderr, flush=True)
+
+        teacher = create_model(name, pretrained=True)  # make_state freezes its model: keep `fp` untouched
+        state = run_gdfq(teacher, gdfq_cfg, device, on_epoch=progress, bit_widths=[(b, b) for b in args.bits])
+        seconds = time.perf_counter() - start
+        out["seconds"]["gdfq_train_all_bits"] = round(seconds, 1)
+        out["gdfq_last_epoch"] = state.history[-1]
+        out["quant_report"] = state.students[0].report.to_dict()
+        for bits, student in zip(args.bits, state.students):
+            record("gdfq", bits, student.qmodel, seconds / len(state.students))
+    return out
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's targets, checked on the measured figures."""
+    lines = []
+    for model, res in results.items():
+        fp = res["top1"].get("FP", {}).get("fp")
+        w8 = res["top1"].get("W8A8", {})
+        w4 = res["top1"].get("W4A4", {})
+        if fp and w8:
+            for method, top1 in w8.items():
+                gaps = {s: round(fp[s] - a, 2) for s, a in top1.items()}
+                ok = all(g <= 0.5 for g in gaps.values())
+                lines.append(f"{model} W8A8 {method} within 0.5 of FP: {'met' if ok else 'NOT met'} (drop {gaps})")
+        if {"gdfq", "noise", "zeroq"} <= set(w4):
+            for s, a in w4["gdfq"].items():
+                ok = a > w4["noise"][s] and a > w4["zeroq"][s]
+                lines.append(f"{model} W4A4 GDFQ above both baselines on {s}: {'met' if ok else 'NOT met'} "
+                             f"(gdfq {a}, noise {w4['noise'][s]}, zeroq {w4['zeroq'][s]})")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    sets = report["sets"]
+    lines = [f"# GDFQ benchmark ({report['preset']} preset)", "",
+             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; {report['total_s']:.0f} s total.", "",
+             "Top-1 (%) of the final models; clean = clean subset (1,017), jpeg = JPEG test set "
+             f"({sets['jpeg']} images).", ""]
+    methods = [m for m in METHODS if m in report["methods"]]
+    header = "| model | bits | " + " | ".join(f"{m} clean | {m} jpeg" for m in methods) + " |"
+    lines += [header, "|" + "---|" * (2 + 2 * len(methods))]
+    for model, res in report["results"].items():
+        fp = res["top1"].get("FP", {}).get("fp")
+        for key, by_method in res["top1"].items():
+            cells = []
+            for m in methods:
+                top1 = fp if (m == "fp" and fp) else by_method.get(m)
+                cells += [f"{top1['clean']:.2f}", f"{top1['jpeg']:.2f}"] if top1 else ["", ""]
+            if key != "FP":
+                lines.append(f"| {model} | {key} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets:", ""] + [f"- {t}" for t in report["targets"]]
+    if report["departures"]:
+        lines += ["", "Schedule departures from the reference in this preset:", ""] + [f"- {d}" for d in report["departures"]]
+    lines += ["", "Seconds: " + json.dumps({m: r["seconds"] for m, r in report["results"].items()})]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gdfq_cfg, calib_cfg = PRESETS[args.preset]
+    gdfq_cfg = dataclasses.replace(gdfq_cfg, seed=args.seed)
+    calib_cfg = dataclasses.replace(calib_cfg, seed=args.seed)
+    sets = {"clean": load_dataset("cifar10-clean-subset", "test", root=args.data_root),
+            "jpeg": load_dataset("cifar10-jpeg", "test", root=args.data_root).sample(args.jpeg_limit, args.seed)}
+    start = time.perf_counter()
+    results = {name: bench_model(name, args, gdfq_cfg, calib_cfg, sets) for name in args.models}
+    report = {
+        "preset": args.preset, "command": "python bench/gdfq.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"device {args.device}, torch {torch.__version__}",
+        "methods": args.methods, "bits": args.bits, "sets": {k: len(v) for k, v in sets.items()},
+        "gdfq_config": gdfq_cfg.to_dict(), "calibration_config": calib_cfg.to_dict(),
+        "departures": QUICK_NOTES if args.preset == "quick" else [],
+        "results": results, "targets": targets(results), "total_s": round(time.perf_counter() - start, 1),
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"gdfq_{args.preset}{'_' + args.tag if args.tag else ''}"
+    write_atomic(args.out_dir / f"{stem}.json", json.dumps(report, indent=1).encode())
+    write_atomic(args.out_dir / f"{stem}.md", markdown(report).encode())
+    print("\n".join(report["targets"]))
+    return report
+
+
+if __name__ == "__main__":
+    main()
