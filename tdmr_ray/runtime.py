@@ -85,3 +85,17 @@ def fail(message: str, code: int = 2):
     """Exit a job with a one-line error (no traceback) for bad input the user can fix."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def resolve_model(spec: str, storage: str | None = None):
+    """A model from a name (pretrained, e.g. ``resnet20``) or a registry reference ``name@vN``.
+
+    Registry references are what TDMR and GDFQ publish, so their models deploy unchanged.
+    """
+    from .models import create_model
+    from .registry import Registry, parse_ref
+
+    if "@" in spec:
+        name, version = parse_ref(spec)
+        return Registry.for_storage(storage).load_model(name, version)
+    return create_model(spec, pretrained=True)

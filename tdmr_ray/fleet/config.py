@@ -1,0 +1,40 @@
+"""Settings of a fleet run (``jobs/cema.py``): devices, streams, the cloud adapter, the method."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..cema.config import CEMAConfig
+from ..runtime import CommonConfig
+
+
+@dataclass
+class FleetConfig(CommonConfig):
+    run_name: str = "cema"  # registry names: edge-<run_name>-<key>, cema-adapter-<run_name>
+    devices: int = 256
+    hosts: int = 0  # device-host actors; 0: one per CPU left after the adapter's (at least 1)
+    batches_per_device: int = 8
+    batch_size: int = 64  # edge batch (reference: 64)
+    dataset: str = "cifar10-jpeg"  # test split; each corruption is applied on top of it
+    corruptions: list[str] = field(default_factory=lambda: ["gaussian_noise", "defocus_blur", "fog"])
+    severity: int = 5
+    pool_size: int = 1000  # images per corruption pool (devices draw their own seeded orders)
+    edge: str = "resnet20"  # a model name (pretrained) or a registry reference name@vN
+    foundation: str = "resnet56"
+    method: str = "cema"  # a tdmr_ray.cema.METHODS name (none, bn_adapt, upload_all, eata_filter, cema, ...)
+    key_by: str = "group"  # adaptation state per "group" (devices sharing a corruption) or per "device"
+    max_in_flight: int = 64  # per host: unacknowledged uploads; more are dropped (edge never waits)
+    adapter_queue_samples: int = 4096  # samples the adapter holds unprocessed; more are refused (busy)
+    adapter_gpu: bool = False  # give the adapter a GPU (when the cluster has one)
+    checkpoint_every_s: float = 20.0  # adapter state -> registry; uploads in between are in the WAL
+    round_batches: int = 1  # batches per device between two progress lines / host checkpoints
+    plot: bool = True
+    cema: CEMAConfig = field(default_factory=CEMAConfig)
+
+
+FLEET_PRESETS = {
+    "quick": {"devices": 256, "batches_per_device": 6, "pool_size": 1000},
+    "full": {"devices": 256, "batches_per_device": 40, "pool_size": 10000,
+             "corruptions": ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+                             "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+                             "elastic_transform", "pixelate", "jpeg_compression"]},
+}

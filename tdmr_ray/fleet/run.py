@@ -1,0 +1,153 @@
+"""The fleet driver: pools, one cloud adapter actor, device-host actors, rounds, summary and plot."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from ..cema import METHODS
+from ..registry import Registry
+from ..runtime import JobRun, init_ray, resolve_model
+from .adapter import CloudAdapterActor
+from .config import FleetConfig
+from .host import DeviceHost
+from .streams import build_pool
+
+
+def check_config(cfg: FleetConfig) -> None:
+    from ..data.corruptions import CORRUPTIONS
+
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; known: {sorted(METHODS)}")
+    if cfg.key_by not in ("group", "device"):
+        raise ValueError(f"key_by must be 'group' or 'device', got {cfg.key_by!r}")
+    bad = [c for c in cfg.corruptions if c not in CORRUPTIONS and c != "clean"]
+    if bad or not cfg.corruptions:
+        raise ValueError(f"unknown corruptions {bad}; known: clean, {', '.join(CORRUPTIONS)}")
+    for name in ("devices", "batches_per_device", "batch_size", "pool_size", "round_batches", "max_in_flight"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+
+
+def actor_name(cfg: FleetConfig, run: JobRun, role: str) -> str:
+    """Unique per run (the output directory's name), so operators and tests can find the actors."""
+    return f"{cfg.run_name}-{Path(run.output_dir).name}-{role}"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
+    """Run the fleet to the end of every device's stream; returns (metrics, edge parameter name prefix)."""
+    check_config(cfg)
+    init_ray()
+    registry = Registry.for_storage(cfg.storage)
+    base_ref = cfg.edge if "@" in cfg.edge else \
+        registry.publish_model(f"{cfg.run_name}-edge", resolve_model(cfg.edge), extra={"source": cfg.edge}).ref
+    cfg.edge = base_ref  # every actor loads the same registered version
+    uploads = METHODS[cfg.method].uploads
+    with run.phase("pools"):
+        build = ray.remote(num_cpus=1)(build_pool)
+        pools = dict(zip(cfg.corruptions, ray.get([build.remote(cfg.dataset, c, cfg.severity, cfg.pool_size, cfg.seed)
+                                                     for c in cfg.corruptions])))
+        pools_ref = ray.put(pools)
+    adapter = None
+    if uploads:
+        adapter = ray.remote(CloudAdapterActor).options(
+            num_cpus=1, num_gpus=1 if cfg.adapter_gpu else 0, max_restarts=-1, max_task_retries=-1,
+            max_concurrency=4, name=actor_name(cfg, run, "adapter")).remote(cfg, str(run.output_dir), base_ref)
+    n_hosts = cfg.hosts or max(1, int(ray.available_resources().get("CPU", 2)) - (1 if uploads else 0))
+    n_hosts = min(n_hosts, cfg.devices)
+    host_cls = ray.remote(DeviceHost)
+    hosts = [host_cls.options(num_cpus=1, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD",
+                              name=actor_name(cfg, run, f"host-{i}"))
+             .remote(cfg, i, part.tolist(), pools_ref, adapter, str(run.output_dir))
+             for i, part in enumerate(np.array_split(np.arange(cfg.devices), n_hosts))]
+    ray.get([h.ready.remote() for h in hosts] + ([adapter.stats.remote()] if adapter else []))
+    print(f"[cema] {cfg.devices} devices on {n_hosts} host actor(s), method {cfg.method}, "
+          f"groups {cfg.corruptions} (severity {cfg.severity}), key_by {cfg.key_by}", flush=True)
+    series, seen, correct, uploaded, start = [], 0, 0, 0, time.monotonic()
+    with run.phase("stream"):
+        done = False
+        while not done:
+            results = ray.get([h.run_round.remote(cfg.round_batches) for h in hosts])
+            seen += sum(r["seen"] for r in results)
+            correct += sum(r["correct"] for r in results)
+            uploaded += sum(r["uploaded"] for r in results)
+            elapsed = time.monotonic() - start
+            queue = ray.get(adapter.stats.remote())["queued_samples"] if adapter else 0
+            series.append({"t": round(elapsed, 3), "seen": seen, "accuracy": correct / max(seen, 1),
+                           "upload_fraction": uploaded / max(seen, 1),
+                           "round_accuracy": sum(r["correct"] for r in results) / max(sum(r["seen"] for r in results), 1)})
+            print(f"[cema] {elapsed:6.1f}s devices {cfg.devices}  seen {seen}  {seen / elapsed:.0f} samples/s  "
+                  f"upload {uploaded / max(seen, 1):.1%}  accuracy {correct / max(seen, 1):.1%}  "
+                  f"adapter queue {queue}", flush=True)
+            done = all(r["done"] for r in results)
+        stream_s = time.monotonic() - start
+        finals = ray.get([h.finish.remote() for h in hosts])
+    with run.phase("drain"):
+        adapter_stats = ray.get(adapter.drain.remote()) if adapter else {}
+    metrics = summarize(cfg, finals, adapter_stats, stream_s, series)
+    if cfg.plot:
+        plot(series, Path(run.output_dir) / "fleet.png", cfg)
+    for h in hosts:
+        ray.kill(h)
+    if adapter:
+        ray.kill(adapter)
+    return metrics, f"edge-{cfg.run_name}-"
+
+
+def summarize(cfg: FleetConfig, finals: list[dict], adapter: dict, stream_s: float, series: list[dict]) -> dict:
+    devices = {d: v for f in finals for d, v in f["devices"].items()}
+    counters = {k: sum(f["counters"].get(k, 0) for f in finals) for k in finals[0]["counters"]}
+    seen = sum(v["seen"] for v in devices.values())
+    correct = sum(v["correct"] for v in devices.values())
+    uploaded = sum(v["accounting"]["uploaded"] for v in devices.values())
+    by_group = {}
+    for v in devices.values():
+        g = by_group.setdefault(v["group"], [0, 0])
+        g[0] += v["seen"]
+        g[1] += v["correct"]
+    latencies = [x for f in finals for x in f["latencies"]]
+    metrics = {
+        "devices": len(devices), "samples": seen, "accuracy": round(correct / max(seen, 1), 4),
+        "accuracy_by_group": {g: round(c / max(n, 1), 4) for g, (n, c) in by_group.items()},
+        "upload_fraction": round(uploaded / max(seen, 1), 4), "uploaded": uploaded,
+        "samples_per_s": round(seen / stream_s, 1), "stream_seconds": round(stream_s, 2),
+        "host": counters, "hosts_restored": sum(bool(f["restored"]) for f in finals),
+        "devices_on_newest_version": sum(v["version"] > 0 for v in devices.values()),
+        "apply_latency_s": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "n": len(latencies)},
+        "series": series,
+    }
+    if adapter:
+        acked_lost = adapter["acked_samples"] - adapter["processed_samples"]
+        metrics["adapter"] = {k: v for k, v in adapter.items() if k != "publish_latency_s"}
+        metrics["adapter"]["acked_not_processed"] = acked_lost
+        metrics["adapter_updates_per_s"] = round(adapter["published"] / stream_s, 2)
+        metrics["publish_latency_s"] = {"p50": percentile(adapter["publish_latency_s"], 50),
+                                        "p99": percentile(adapter["publish_latency_s"], 99)}
+    return metrics
+
+
+def plot(series: list[dict], path: Path, cfg: FleetConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s["t"] for s in series]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(t, [100 * s["round_accuracy"] for s in series], label="accuracy (per round)")
+    ax.plot(t, [100 * s["accuracy"] for s in series], label="accuracy (cumulative)")
+    ax.plot(t, [100 * s["upload_fraction"] for s in series], label="upload fraction (cumulative)")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("%")
+    ax.set_title(f"{cfg.method}: {cfg.devices} devices, severity {cfg.severity}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,45 @@
+"""Per-device shifted data streams for the fleet.
+
+Each corruption gets one *pool*: ``pool_size`` images of the test set, corrupted once (seeded)
+and shared by every device host through Ray's object store (zero-copy on a node). Device ``i``
+is assigned corruption ``i mod len(corruptions)`` (its group) and draws batches from its pool in
+its own seeded order, so two devices of a group see different sequences of the same shift.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from ..data import load_dataset
+
+
+def build_pool(dataset: str, corruption: str, severity: int, pool_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 NHWC, labels) of one corruption's pool; ``clean`` means no corruption."""
+    data = load_dataset(dataset, "test").sample(pool_size, seed)
+    if corruption == "clean":
+        return data.x, data.y
+    from ..data.corruptions import corrupt
+
+    return corrupt(data.x, corruption, severity, seed=seed), data.y
+
+
+def device_group(index: int, corruptions: list[str]) -> str:
+    return corruptions[index % len(corruptions)]
+
+
+def device_id(index: int) -> str:
+    return f"dev-{index:05d}"
+
+
+class DeviceStream:
+    """Batch ``b`` of one device: a window of its seeded permutation of the pool (wrapping)."""
+
+    def __init__(self, device: str, pool_len: int, batch_size: int, seed: int):
+        rng = np.random.default_rng([seed, zlib.crc32(device.encode())])
+        self.order = rng.permutation(pool_len)
+        self.batch_size = batch_size
+
+    def indices(self, b: int) -> np.ndarray:
+        start = (b * self.batch_size) % len(self.order)
+        return np.take(self.order, np.arange(start, start + self.batch_size), mode="wrap")

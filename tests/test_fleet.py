@@ -1,0 +1,139 @@
+"""The fleet on a real local Ray instance: versions reach devices, accounting adds up, faults lose nothing."""
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tdmr_ray.cema import UploadMessage
+from tdmr_ray.fleet import read_uploads
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+SMALL = ["--devices", "12", "--batches-per-device", "4", "--pool-size", "256", "--batch-size", "32",
+         "--corruptions", "gaussian_noise,fog", "--checkpoint-every-s", "2"]
+
+
+def run_cema(tmp_path, name, *extra):
+    import cema
+
+    return cema.main([*SMALL, "--output-dir", str(tmp_path / name), "--storage", str(tmp_path / "store"),
+                      "--run-name", name, *extra])
+
+
+def check_books(summary, tmp_path, name, devices=12, batches=4, batch=32):
+    m = summary["metrics"]
+    assert m["devices"] == devices and m["samples"] == devices * batches * batch  # every batch ran exactly once
+    host, adapter = m["host"], m["adapter"]
+    assert host["sent"] == host["acked"] + host["busy"] + host["rejected"] + host["send_failed"]
+    assert m["uploaded"] == host["sent"] + host["dropped_in_flight"]
+    assert adapter["acked_samples"] == adapter["processed_samples"] and adapter["acked_not_processed"] == 0
+    assert read_uploads(tmp_path / name).num_rows == adapter["acked_samples"]  # the Parquet log holds them all
+    return m
+
+
+def test_fleet_end_to_end(ray_session, tmp_path):
+    from tdmr_ray.registry import Registry
+
+    summary = run_cema(tmp_path, "e2e")
+    m = check_books(summary, tmp_path, "e2e")
+    assert m["host"]["acked"] == m["adapter"]["acked_samples"] > 0
+    assert m["devices_on_newest_version"] == 12  # every device applied at least one cloud version
+    assert m["adapter"]["published"] > 0 and m["apply_latency_s"]["n"] > 0
+    assert set(m["accuracy_by_group"]) == {"gaussian_noise", "fog"}
+    assert (tmp_path / "e2e" / "fleet.png").stat().st_size > 0
+    written = json.loads((tmp_path / "e2e" / "summary.json").read_text())
+    assert written["config"]["devices"] == 12
+    registry = Registry.for_storage(str(tmp_path / "store"))
+    params, meta = registry.load_tensors("edge-e2e-fog")
+    assert meta["kind"] == "edge-params" and meta["base"] == "e2e-edge@v1" and params
+
+
+def _kill_when(name_part, trigger, killed):
+    """Kill (with restart) the named actor once ``trigger()`` is true: mid-run, not before or after."""
+    import ray
+
+    def kill():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            match = [n for n in ray.util.list_named_actors() if name_part in n]
+            if match and trigger():
+                ray.kill(ray.get_actor(match[0]), no_restart=False)
+                killed.append(match[0])
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_host_killed_mid_run_resumes_without_losing_progress(ray_session, tmp_path):
+    killed = []
+    checkpoint = tmp_path / "hostkill" / "hosts" / "host-0.safetensors"
+    thread = _kill_when("hostkill-host-0", checkpoint.exists, killed)
+    summary = run_cema(tmp_path, "hostkill", "--batches-per-device", "10", "--checkpoint-every-s", "1000")
+    thread.join(timeout=1)
+    assert killed, "the host was never killed"
+    m = check_books(summary, tmp_path, "hostkill", batches=10)
+    assert m["hosts_restored"] == 1
+
+
+def test_adapter_killed_mid_run_loses_no_acknowledged_sample(ray_session, tmp_path):
+    import ray
+
+    from tdmr_ray.fleet import CloudAdapterActor, FleetConfig
+
+    cfg = FleetConfig(storage=str(tmp_path / "store"), run_name="akill", checkpoint_every_s=0.5)
+    adapter = ray.remote(CloudAdapterActor).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                                                    max_concurrency=4).remote(cfg, str(tmp_path / "akill"), "x@v1")
+    rng = np.random.default_rng(0)
+
+    def upload(i):
+        images = rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
+        return adapter.upload.remote(UploadMessage(f"dev-{i % 3}", images, 0, seq=i), f"g{i % 2}", time.time())
+
+    assert all(r["status"] == "ok" for r in ray.get([upload(i) for i in range(10)]))
+    deadline = time.time() + 60
+    while ray.get(adapter.stats.remote())["checkpoints"] < 1 and time.time() < deadline:
+        time.sleep(0.1)
+    ray.kill(adapter, no_restart=False)  # mid-run: acknowledged uploads may still be queued
+    assert all(r["status"] == "ok" for r in ray.get([upload(i) for i in range(10, 15)]))
+    stats = ray.get(adapter.drain.remote())
+    assert stats["restored_from"] > 0  # resumed from its registry checkpoint
+    assert stats["acked_samples"] == stats["processed_samples"] == 15 * 16
+    assert read_uploads(tmp_path / "akill").num_rows == 15 * 16
+    ray.kill(adapter)
+
+
+def test_malformed_uploads_are_rejected_and_counted(ray_session, tmp_path):
+    import ray
+
+    from tdmr_ray.fleet import CloudAdapterActor, FleetConfig
+
+    cfg = FleetConfig(storage=str(tmp_path / "store"), run_name="bad")
+    adapter = ray.remote(CloudAdapterActor).options(num_cpus=0).remote(cfg, str(tmp_path / "bad"), "x@v1")
+    ok = np.zeros((2, 32, 32, 3), np.uint8)
+    bad = [UploadMessage("d", ok.astype(np.float32), 0), UploadMessage("d", ok[:, :16], 0),
+           UploadMessage("d", ok, 0, np.array([np.nan, 1.0], np.float32)), "not a message",
+           UploadMessage("d", ok[:0], 0)]
+    replies = ray.get([adapter.upload.remote(b, "g", time.time()) for b in bad])
+    assert [r["status"] for r in replies] == ["rejected"] * 5
+    assert "uint8" in replies[0]["error"] and "shape" in replies[1]["error"]
+    assert ray.get(adapter.upload.remote(UploadMessage("d", ok, 0, seq=1), "g", time.time()))["status"] == "ok"
+    again = ray.get(adapter.upload.remote(UploadMessage("d", ok, 0, seq=1), "g", time.time()))
+    assert again.get("duplicate")  # a retried upload is not counted twice
+    stats = ray.get(adapter.drain.remote())
+    assert stats["rejected"] == 5 and stats["acked_samples"] == 2 == stats["processed_samples"]
+    ray.kill(adapter)
+
+
+def test_bad_fleet_config_is_named(tmp_path):
+    import cema
+
+    with pytest.raises(SystemExit):
+        cema.main(["--method", "magic", "--output-dir", str(tmp_path / "o"), "--storage", str(tmp_path / "s")])
