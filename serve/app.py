@@ -26,7 +26,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from serve.codec import BadRequest, decode_request
+from serve.codec import BadRequest, decode_request, encode_predictions
 from tdmr_ray.models import norm_affine_parameters, set_norm_affine
 from tdmr_ray.registry import Registry, RegistryError
 
@@ -67,7 +67,8 @@ class EdgeModelServer:
         self.model_ref = ""
         self._sets: weakref.WeakValueDictionary[str, ParamSet] = weakref.WeakValueDictionary()
         self._poller: asyncio.Task | None = None
-        self._bound_config = config
+        # Where a replica's time goes (GET /models shows it; bench/serve.py reads it).
+        self.timing = {"requests": 0, "decode_s": 0.0, "forward_s": 0.0, "encode_s": 0.0, "batches": 0, "images": 0}
         if config:  # bind() arguments; otherwise Serve calls reconfigure(user_config) next
             self.reconfigure(config)
 
@@ -145,16 +146,20 @@ class EdgeModelServer:
         sizes = [len(x) for x, _ in requests]
         x = torch.from_numpy(np.concatenate([x for x, _ in requests])).permute(0, 3, 1, 2).float().div_(255)
         params, params_ref = (param_set.params, param_set.ref) if param_set else (self.base_affine, None)
+        t0 = time.perf_counter()
         with torch.inference_mode():
             self._apply(params)
             probs = torch.softmax(self.model(x), dim=1)
+        self.timing["forward_s"] += time.perf_counter() - t0
+        self.timing["batches"] += 1
+        self.timing["images"] += len(x)
+        t0 = time.perf_counter()
+        predictions = encode_predictions(probs, self.classes)
         out, start = [], 0
         for n in sizes:
-            chunk = probs[start:start + n]
+            out.append({"predictions": predictions[start:start + n], "model": self.model_ref, "params": params_ref})
             start += n
-            out.append({"predictions": [{"class": int(p.argmax()), "label": self.classes[int(p.argmax())],
-                                         "probabilities": [round(float(v), 6) for v in p]} for p in chunk],
-                        "model": self.model_ref, "params": params_ref})
+        self.timing["encode_s"] += time.perf_counter() - t0
         return out
 
     async def __call__(self, request: Request) -> JSONResponse:
@@ -185,8 +190,11 @@ class EdgeModelServer:
         body = await request.body()
         if len(body) > limit:
             raise BadRequest(413, f"request body over {limit} bytes")
+        t0 = time.perf_counter()
         x = decode_request(body, int(self.config["input_size"]), self.channels,
                            int(self.config["max_images_per_request"]))
+        self.timing["decode_s"] += time.perf_counter() - t0
+        self.timing["requests"] += 1
         device_id = serve.get_multiplexed_model_id()
         param_set = None
         if device_id:
@@ -213,7 +221,7 @@ class EdgeModelServer:
         meta = self.registry.meta(*self.model_ref.split("@v")[:1])
         return {"model": self.model_ref, "architecture": meta.get("architecture"), "format": meta.get("format"),
                 "metrics": meta.get("metrics"), "classes": self.classes,
-                "loaded_params": {k: v.ref for k, v in self._sets.items()}, "time": time.time()}
+                "loaded_params": {k: v.ref for k, v in self._sets.items()}, "timing": dict(self.timing)}
 
 
 def build(args: dict | None = None):

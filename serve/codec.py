@@ -88,3 +88,13 @@ def encode_array(x: np.ndarray) -> dict:
     """The request body for uint8 NHWC images (what clients and the benchmark send)."""
     return {"array": base64.b64encode(np.ascontiguousarray(x, dtype=np.uint8).tobytes()).decode(),
             "shape": list(x.shape), "dtype": "uint8"}
+
+
+def encode_predictions(probs, classes: list[str]) -> list[dict]:
+    """Softmax rows -> the response's ``predictions`` list (class index, label, probabilities)."""
+    rows = probs.tolist()
+    out = []
+    for row in rows:
+        best = max(range(len(row)), key=row.__getitem__)
+        out.append({"class": best, "label": classes[best], "probabilities": [round(v, 6) for v in row]})
+    return out

@@ -1,0 +1,189 @@
+"""Serve benchmark: ResNet-20 edge model over HTTP on loopback, side by side with
+(a) the in-process batched forward of the same model on the same cores (the compute limit) and
+(b) a minimal single-process uvicorn server with the same model and codec (serve/minimal.py).
+
+Request shapes: 1 image and 64 images per request; 1 / 8 / 32 concurrent clients (a separate
+load-generator process, bench/loadgen.py). Reports p50/p99 latency, requests/s, images/s, where a
+replica's time goes (decode / forward / encode, from the replica's own timers; the rest of the
+latency is Serve's proxy, routing and HTTP), and a hot-swap run: parameter updates during load.
+Writes bench/results/serve.{json,md}.
+
+    TDMR_WEIGHTS=../shared/weights/cifar10-resnet TDMR_DATA=../shared/data python bench/serve.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+from serve.codec import encode_array  # noqa: E402
+from tdmr_ray.data import load_dataset  # noqa: E402
+from tdmr_ray.models import create_model, get_norm_affine  # noqa: E402
+from tdmr_ray.registry import Registry  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HDR = "serve_multiplexed_model_id"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def load(url: str, body: Path, clients: int, seconds: float, headers: dict | None = None, versions=False) -> dict:
+    cmd = [sys.executable, str(REPO / "bench" / "loadgen.py"), url + "/predict", str(body), str(clients), str(seconds)]
+    cmd += [f"{k}={v}" for k, v in (headers or {}).items()] + (["--versions"] if versions else [])
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def summarize(raw: dict, images_per_request: int) -> dict:
+    lat = np.array(raw["latencies"]) * 1000
+    rps = raw["requests"] / raw["seconds"]
+    return {"requests": raw["requests"], "failures": raw["failures"], "req_per_s": round(rps, 1),
+            "images_per_s": round(rps * images_per_request, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+            "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None}
+
+
+def in_process_images_per_s(model, x: torch.Tensor, seconds: float = 3.0) -> float:
+    with torch.inference_mode():
+        model(x)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model(x)
+            n += 1
+    return n * len(x) / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--shapes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    import ray
+    from ray import serve
+
+    from serve.app import build
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp())
+    reg_uri = str(tmp / "registry")
+    registry = Registry(reg_uri)
+    data = load_dataset("cifar10-clean-subset", "test")
+    model = create_model("resnet20", pretrained=True).eval()
+    base = registry.publish_model("resnet20-cifar10", model, extra={"classes": data.classes})
+    registry.publish_edge_params("edge-dev-0", get_norm_affine(model), base=base.ref)
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve_port, minimal_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+    serve.run(build({"registry": reg_uri, "threads": 1, "poll_interval_s": 0.5}), name="edge", route_prefix="/")
+    minimal = subprocess.Popen([sys.executable, "-m", "serve.minimal", "--registry", reg_uri,
+                                "--port", str(minimal_port)], cwd=REPO)
+    urls = {"serve": f"http://127.0.0.1:{serve_port}", "minimal": f"http://127.0.0.1:{minimal_port}"}
+    try:
+        for url in urls.values():
+            wait_healthy(url)
+        compute = {n: round(in_process_images_per_s(model, data.tensors(slice(0, n))[0]), 1) for n in args.shapes}
+        rows = []
+        for n in args.shapes:
+            body = tmp / f"body{n}.json"
+            body.write_text(json.dumps(encode_array(data.x[:n])))
+            for clients in args.clients:
+                for server, url in urls.items():
+                    before = requests.get(url + "/models", timeout=10).json().get("timing") if server == "serve" else None
+                    row = {"server": server, "images_per_request": n, "clients": clients,
+                           **summarize(load(url, body, clients, args.seconds), n)}
+                    if before is not None:
+                        after = requests.get(url + "/models", timeout=10).json()["timing"]
+                        reqs = max(after["requests"] - before["requests"], 1)
+                        for k in ("decode_s", "forward_s", "encode_s"):
+                            row[f"replica_{k[:-2]}_ms_per_req"] = round(1000 * (after[k] - before[k]) / reqs, 3)
+                        row["mean_batch_images"] = round((after["images"] - before["images"]) /
+                                                         max(after["batches"] - before["batches"], 1), 1)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        hot = hot_swap(urls["serve"], registry, model, data, tmp, base.ref)
+    finally:
+        minimal.terminate()
+        serve.shutdown()
+        ray.shutdown()
+    best64 = max((r["images_per_s"] for r in rows if r["server"] == "serve" and r["images_per_request"] == 64), default=0)
+    pick = {(r["server"], r["images_per_request"], r["clients"]): r for r in rows}
+    single = pick.get(("serve", 1, max(args.clients))), pick.get(("minimal", 1, max(args.clients)))
+    result = {"compute_limit_images_per_s": compute, "rows": rows, "hot_swap": hot,
+              "ratio_64_serve_to_in_process": round(best64 / compute[64], 3) if 64 in compute else None,
+              "ratio_single_serve_to_minimal": round(single[0]["req_per_s"] / single[1]["req_per_s"], 3)
+              if all(single) else None,
+              "command": "python bench/serve.py " + " ".join(argv or sys.argv[1:])}
+    write(result, args.out_dir)
+
+
+def hot_swap(url, registry, model, data, tmp, base_ref, updates: int = 10) -> dict:
+    """Publish ``updates`` new parameter versions for dev-0 while 8 clients send requests."""
+    body = tmp / "hot.json"
+    body.write_text(json.dumps(encode_array(data.x[:8])))
+    params = get_norm_affine(model)
+
+    def publish():
+        for i in range(updates):
+            time.sleep(0.6)
+            registry.publish_edge_params("edge-dev-0", {k: v * (1 + 0.01 * (i + 1)) for k, v in params.items()},
+                                         base=base_ref)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    raw = load(url, body, 8, 0.6 * updates + 3, {HDR: "dev-0"}, versions=True)
+    thread.join()
+    seen = [int(v.rsplit("@v", 1)[1]) for v in raw["versions"]]
+    return {"requests": raw["requests"], "failures": raw["failures"], "updates": updates,
+            "first_version": seen[0] if seen else None, "last_version": seen[-1] if seen else None,
+            "distinct_versions": len(set(seen)),
+            "monotonic_per_client_order": all(a <= b for a, b in zip(seen, seen[1:]))}
+
+
+def write(result: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serve.json").write_text(json.dumps(result, indent=1))
+    cols = ["server", "images_per_request", "clients", "req_per_s", "images_per_s", "p50_ms", "p99_ms", "failures",
+            "replica_decode_ms_per_req", "replica_forward_ms_per_req", "replica_encode_ms_per_req", "mean_batch_images"]
+    lines = [f"Command: `{result['command']}`", "",
+             f"In-process compute limit (1 thread, images/s by batch size): {result['compute_limit_images_per_s']}",
+             f"64-image requests, Serve best / in-process: **{result['ratio_64_serve_to_in_process']}**; "
+             f"single-image at the most clients, Serve / minimal uvicorn: **{result['ratio_single_serve_to_minimal']}**",
+             f"Hot swap: {result['hot_swap']}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in result["rows"]]
+    (out_dir / "serve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
