@@ -95,7 +95,8 @@ class EdgeModelServer:
             return
         model = self.registry.load_model(name, version).eval()
         meta = self.registry.meta(name, version)
-        self.classes = meta.get("classes") or [str(i) for i in range(model.num_classes)]
+        # (not "self.classes": cloudpickle would then try to ship the torch.classes module)
+        self.class_names = meta.get("classes") or [str(i) for i in range(model.num_classes)]
         self.channels = model.arch.get("in_chans", 3)
         self.model, self.model_ref = model, ref  # swapped between batches: requests see one or the other
         self.live_affine = norm_affine_parameters(model)
@@ -154,7 +155,7 @@ class EdgeModelServer:
         self.timing["batches"] += 1
         self.timing["images"] += len(x)
         t0 = time.perf_counter()
-        predictions = encode_predictions(probs, self.classes)
+        predictions = encode_predictions(probs, self.class_names)
         out, start = [], 0
         for n in sizes:
             out.append({"predictions": predictions[start:start + n], "model": self.model_ref, "params": params_ref})
@@ -220,7 +221,7 @@ class EdgeModelServer:
     def _describe(self) -> dict:
         meta = self.registry.meta(*self.model_ref.split("@v")[:1])
         return {"model": self.model_ref, "architecture": meta.get("architecture"), "format": meta.get("format"),
-                "metrics": meta.get("metrics"), "classes": self.classes,
+                "metrics": meta.get("metrics"), "classes": self.class_names,
                 "loaded_params": {k: v.ref for k, v in self._sets.items()}, "timing": dict(self.timing)}
 
 
