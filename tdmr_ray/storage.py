@@ -47,3 +47,45 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def join(*parts: str) -> str:
     return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p)
+
+
+class RunStore:
+    """Files of one run under a storage URI (local or S3), written atomically: what a restarted
+    actor on another node must find (fleet host checkpoints, the adapter's upload log)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = filesystem_for(uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        if self.local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return join(self.root, name)
+
+    def write(self, name: str, data: bytes) -> None:
+        path = self.path(name)
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        else:  # one PUT: the object appears whole or not at all
+            with self.fs.open_output_stream(path) as out:
+                out.write(data)
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self.path(name)) as f:
+                return f.read()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def list(self, prefix: str) -> list[str]:
+        """Names (relative to the run) of the files in folder ``prefix``, sorted; hidden ones skipped."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(prefix), allow_not_found=True))
+        return sorted(f"{prefix}/{i.base_name}" for i in infos
+                      if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+
+    def delete(self, name: str) -> None:
+        self.fs.delete_file(self.path(name))

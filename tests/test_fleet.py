@@ -32,7 +32,7 @@ def check_books(summary, tmp_path, name, devices=12, batches=4, batch=32):
     assert host["sent"] == host["acked"] + host["busy"] + host["rejected"] + host["send_failed"]
     assert m["uploaded"] == host["sent"] + host["dropped_in_flight"]
     assert adapter["acked_samples"] == adapter["processed_samples"] and adapter["acked_not_processed"] == 0
-    assert read_uploads(tmp_path / name).num_rows == adapter["acked_samples"]  # the Parquet log holds them all
+    assert read_uploads(m["run_store"]).num_rows == adapter["acked_samples"]  # the Parquet log holds them all
     return m
 
 
@@ -74,7 +74,7 @@ def _kill_when(name_part, trigger, killed):
 
 def test_host_killed_mid_run_resumes_without_losing_progress(ray_session, tmp_path):
     killed = []
-    checkpoint = tmp_path / "hostkill" / "hosts" / "host-0.safetensors"
+    checkpoint = tmp_path / "store" / "fleet" / "hostkill-hostkill" / "hosts" / "host-0.safetensors"
     thread = _kill_when("hostkill-host-0", checkpoint.exists, killed)
     summary = run_cema(tmp_path, "hostkill", "--batches-per-device", "10", "--checkpoint-every-s", "1000")
     thread.join(timeout=1)
@@ -106,7 +106,7 @@ def test_adapter_killed_mid_run_loses_no_acknowledged_sample(ray_session, tmp_pa
     stats = ray.get(adapter.drain.remote())
     assert stats["restored_from"] > 0  # resumed from its registry checkpoint
     assert stats["acked_samples"] == stats["processed_samples"] == 15 * 16
-    assert read_uploads(tmp_path / "akill").num_rows == 15 * 16
+    assert read_uploads(str(tmp_path / "akill")).num_rows == 15 * 16
     ray.kill(adapter)
 
 

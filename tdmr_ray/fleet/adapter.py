@@ -1,7 +1,7 @@
 """The cloud adapter actor: one per fleet, serving every device host.
 
 ``upload`` is quick: it validates, writes the samples to the write-ahead log (a Parquet part per
-upload, in ``<run>/uploads``; compacted into segments at each checkpoint), queues them and
+upload, under ``uploads/`` of the run's store on the job's storage, local or S3; compacted into segments at each checkpoint), queues them and
 acknowledges. A worker thread takes queued uploads in order, runs CEMA's cloud steps
 (:class:`tdmr_ray.cema.CloudAdapter`) and publishes each new parameter version to the registry
 (``edge-<run>-<key>``), where devices and Serve pick it up.
@@ -15,10 +15,10 @@ that were in flight when the actor died. Backpressure: when ``adapter_queue_samp
 """
 from __future__ import annotations
 
+import io
 import queue
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,7 @@ import torch
 from ..cema import CloudAdapter, UploadMessage, method_config
 from ..registry import Registry
 from ..runtime import resolve_model
+from ..storage import RunStore
 
 WAL_SCHEMA = pa.schema([("seq", pa.int64()), ("device_id", pa.string()), ("key", pa.string()),
                         ("batch", pa.int64()), ("param_version", pa.int64()), ("sent_at", pa.float64()),
@@ -35,29 +36,29 @@ WAL_SCHEMA = pa.schema([("seq", pa.int64()), ("device_id", pa.string()), ("key",
                         ("image", pa.binary())])
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+def write_parquet(store: RunStore, name: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write(name, buf.getvalue())
 
 
-def read_uploads(run_dir: str | Path, after_seq: int = -1) -> pa.Table:
-    """The logged uploads (one row per sample) of a run, in sequence order."""
-    files = sorted(Path(run_dir, "uploads").glob("*.parquet"))
+def read_uploads(run_uri: str, after_seq: int = -1) -> pa.Table:
+    """The logged uploads (one row per sample) of a fleet run, in sequence order."""
+    store = RunStore(run_uri)
+    files = [f for f in store.list("uploads") if f.endswith(".parquet")]
     if not files:
         return WAL_SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(f) for f in files])
+    table = pa.concat_tables([pq.read_table(io.BytesIO(store.read(f))) for f in files])
     table = table.filter(pa.compute.greater(table["seq"], after_seq))
     return table.sort_by([("seq", "ascending")])
 
 
 class CloudAdapterActor:
-    def __init__(self, cfg, run_dir: str, base_ref: str):
+    def __init__(self, cfg, run_uri: str, base_ref: str):
         self.cfg = cfg
         self.base_ref = base_ref  # the edge model version the parameter sets apply to
-        self.run_dir = Path(run_dir)
-        self.wal = self.run_dir / "uploads"
-        self.wal.mkdir(parents=True, exist_ok=True)
+        self.run_uri = run_uri
+        self.store = RunStore(run_uri)
         self.registry = Registry.for_storage(cfg.storage)
         self.prefix = f"edge-{cfg.run_name}-"
         self.state_name = f"cema-adapter-{cfg.run_name}"
@@ -143,18 +144,18 @@ class CloudAdapterActor:
                           "batch": [int(msg.seq)] * n, "param_version": [int(msg.param_version)] * n,
                           "sent_at": [sent_at] * n, "height": [h] * n, "width": [w] * n, "channels": [c] * n,
                           "image": [img.tobytes() for img in msg.images]}, schema=WAL_SCHEMA)
-        write_parquet_atomic(table, self.wal / f"part-{seq:010d}.parquet")
+        write_parquet(self.store, f"uploads/part-{seq:010d}.parquet", table)
 
     def _compact(self) -> None:
         """Merge the per-upload parts into one segment (for audit and replay)."""
-        parts = sorted(self.wal.glob("part-*.parquet"))
+        parts = [f for f in self.store.list("uploads") if f.startswith("uploads/part-")]
         if len(parts) < 2:
             return
-        table = pa.concat_tables([pq.read_table(p) for p in parts])
-        first, last = parts[0].stem.split("-")[1], parts[-1].stem.split("-")[1]
-        write_parquet_atomic(table, self.wal / f"segment-{first}-{last}.parquet")
+        table = pa.concat_tables([pq.read_table(io.BytesIO(self.store.read(p))) for p in parts])
+        first, last = (p.split("-")[1].split(".")[0] for p in (parts[0], parts[-1]))
+        write_parquet(self.store, f"uploads/segment-{first}-{last}.parquet", table)
         for p in parts:
-            p.unlink()
+            self.store.delete(p)
 
     def _restore(self) -> None:
         through = 0
@@ -163,7 +164,7 @@ class CloudAdapterActor:
             self.core.load_state_dict(state)
             through = int(meta["wal_through"])
             self.counters["restored_from"] = meta["version"]
-        logged = read_uploads(self.run_dir)
+        logged = read_uploads(self.run_uri)
         if logged.num_rows:
             self.seq = int(pa.compute.max(logged["seq"]).as_py())
             ids = set(zip(logged["device_id"].to_pylist(), logged["batch"].to_pylist()))

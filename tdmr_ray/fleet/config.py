@@ -23,7 +23,9 @@ class FleetConfig(CommonConfig):
     method: str = "cema"  # a tdmr_ray.cema.METHODS name (none, bn_adapt, upload_all, eata_filter, cema, ...)
     key_by: str = "group"  # adaptation state per "group" (devices sharing a corruption) or per "device"
     max_in_flight: int = 64  # per host: unacknowledged uploads; more are dropped (edge never waits)
-    adapter_queue_samples: int = 4096  # samples the adapter holds unprocessed; more are refused (busy)
+    # Samples the adapter holds unprocessed; more are refused ("busy"). It bounds the upload->applied
+    # latency (queue / adapter throughput) at the price of dropped uploads when the cloud is slow.
+    adapter_queue_samples: int = 1024
     adapter_gpu: bool = False  # give the adapter a GPU (when the cluster has one)
     checkpoint_every_s: float = 20.0  # adapter state -> registry; uploads in between are in the WAL
     round_batches: int = 1  # batches per device between two progress lines / host checkpoints
@@ -32,7 +34,7 @@ class FleetConfig(CommonConfig):
 
 
 FLEET_PRESETS = {
-    "quick": {"devices": 256, "batches_per_device": 6, "pool_size": 1000},
+    "quick": {"devices": 256, "batches_per_device": 3, "pool_size": 500},
     "full": {"devices": 256, "batches_per_device": 40, "pool_size": 10000,
              "corruptions": ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                              "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",

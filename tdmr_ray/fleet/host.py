@@ -7,23 +7,22 @@ filters, and sends its selected samples to the cloud adapter without waiting for
 at most ``max_in_flight`` uploads per host are unanswered, further ones are dropped (counted).
 Between batches the host pulls new parameter versions of its devices' keys from the registry.
 
-After every round the host checkpoints all device states to ``<run>/hosts/host-<i>.safetensors``;
-a restarted host (Ray restarts the actor and retries the round) resumes from there.
+After every round the host checkpoints all device states to ``hosts/host-<i>.safetensors`` in the
+run's store on the job's storage (local or S3, so a host restarted on another node finds it); a
+restarted host (Ray restarts the actor and retries the round) resumes from there.
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from pathlib import Path
-
-import numpy as np
 import ray
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from ..cema import EdgeDeviceState, UpdateMessage, make_edge_runner, method_config
 from ..registry import Registry
 from ..runtime import resolve_model
+from ..storage import RunStore
 from . import streams
 from .streams import DeviceStream
 
@@ -31,7 +30,7 @@ HOST_COUNTERS = ("sent", "acked", "dropped_in_flight", "busy", "rejected", "send
 
 
 class DeviceHost:
-    def __init__(self, cfg, host_index: int, device_indices: list[int], pools: dict, adapter, run_dir: str):
+    def __init__(self, cfg, host_index: int, device_indices: list[int], pools: dict, adapter, run_uri: str):
         torch.set_num_threads(1)
         self.cfg, self.index, self.adapter = cfg, host_index, adapter
         self.pools = pools  # corruption -> (images, labels), shared read-only via the object store
@@ -51,7 +50,8 @@ class DeviceHost:
         self.in_flight: list = []  # (ref, n_samples)
         self.latencies: list[float] = []
         self.trigger_sent_at: dict[int, float] = {}  # registry version -> when its trigger upload left
-        self.ckpt = Path(run_dir) / "hosts" / f"host-{host_index}.safetensors"
+        self.store = RunStore(run_uri)
+        self.ckpt = f"hosts/host-{host_index}.safetensors"
         self.restored = self._restore()
 
     def ready(self) -> bool:
@@ -137,7 +137,7 @@ class DeviceHost:
         self._collect(block=True)
         self._checkpoint()
         return {"host": self.index, "counters": dict(self.counters), "latencies": list(self.latencies),
-                "restored": self.restored,
+                "restored": self.restored, "node": ray.get_runtime_context().get_node_id(),
                 "devices": {d: {"group": self.group[d], "seen": self.state[d].accounting.seen,
                                 "correct": self.correct[d], "version": self.state[d].version,
                                 "accounting": self.state[d].accounting.as_dict()} for d in self.devices}}
@@ -154,15 +154,13 @@ class DeviceHost:
             flat[f"counters.{k}"] = torch.tensor(v)
         for k, v in self.key_version.items():
             flat[f"key_version.{k}"] = torch.tensor(v)
-        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt.with_name(f".{self.ckpt.name}.tmp")
-        save_file(flat, str(tmp))
-        tmp.replace(self.ckpt)
+        self.store.write(self.ckpt, save(flat))
 
     def _restore(self) -> bool:
-        if not self.ckpt.exists():
+        data = self.store.read(self.ckpt)
+        if data is None:
             return False
-        flat = load_file(str(self.ckpt))
+        flat = load(data)
         per_device = defaultdict(dict)
         for k, v in flat.items():
             head, _, rest = k.partition(".")

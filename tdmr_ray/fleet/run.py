@@ -10,6 +10,7 @@ import ray
 from ..cema import METHODS
 from ..registry import Registry
 from ..runtime import JobRun, init_ray, resolve_model
+from ..storage import join, resolve_storage
 from .adapter import CloudAdapterActor
 from .config import FleetConfig
 from .host import DeviceHost
@@ -31,6 +32,11 @@ def check_config(cfg: FleetConfig) -> None:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
 
 
+def fleet_run_uri(cfg: FleetConfig, run: JobRun) -> str:
+    """Where the run's host checkpoints and upload log live: ``<storage>/fleet/<run>-<output dir>``."""
+    return join(resolve_storage(cfg.storage), "fleet", f"{cfg.run_name}-{Path(run.output_dir).name}")
+
+
 def actor_name(cfg: FleetConfig, run: JobRun, role: str) -> str:
     """Unique per run (the output directory's name), so operators and tests can find the actors."""
     return f"{cfg.run_name}-{Path(run.output_dir).name}-{role}"
@@ -49,6 +55,7 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
         registry.publish_model(f"{cfg.run_name}-edge", resolve_model(cfg.edge), extra={"source": cfg.edge}).ref
     cfg.edge = base_ref  # every actor loads the same registered version
     uploads = METHODS[cfg.method].uploads
+    run_uri = fleet_run_uri(cfg, run)
     with run.phase("pools"):
         build = ray.remote(num_cpus=1)(build_pool)
         pools = dict(zip(cfg.corruptions, ray.get([build.remote(cfg.dataset, c, cfg.severity, cfg.pool_size, cfg.seed)
@@ -58,13 +65,13 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
     if uploads:
         adapter = ray.remote(CloudAdapterActor).options(
             num_cpus=1, num_gpus=1 if cfg.adapter_gpu else 0, max_restarts=-1, max_task_retries=-1,
-            max_concurrency=4, name=actor_name(cfg, run, "adapter")).remote(cfg, str(run.output_dir), base_ref)
+            max_concurrency=4, name=actor_name(cfg, run, "adapter")).remote(cfg, run_uri, base_ref)
     n_hosts = cfg.hosts or max(1, int(ray.available_resources().get("CPU", 2)) - (1 if uploads else 0))
     n_hosts = min(n_hosts, cfg.devices)
     host_cls = ray.remote(DeviceHost)
     hosts = [host_cls.options(num_cpus=1, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD",
                               name=actor_name(cfg, run, f"host-{i}"))
-             .remote(cfg, i, part.tolist(), pools_ref, adapter, str(run.output_dir))
+             .remote(cfg, i, part.tolist(), pools_ref, adapter, run_uri)
              for i, part in enumerate(np.array_split(np.arange(cfg.devices), n_hosts))]
     ray.get([h.ready.remote() for h in hosts] + ([adapter.stats.remote()] if adapter else []))
     print(f"[cema] {cfg.devices} devices on {n_hosts} host actor(s), method {cfg.method}, "
@@ -91,6 +98,7 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
     with run.phase("drain"):
         adapter_stats = ray.get(adapter.drain.remote()) if adapter else {}
     metrics = summarize(cfg, finals, adapter_stats, stream_s, series)
+    metrics["run_store"] = run_uri
     if cfg.plot:
         plot(series, Path(run.output_dir) / "fleet.png", cfg)
     for h in hosts:
