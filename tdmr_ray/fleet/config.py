@@ -27,6 +27,7 @@ class FleetConfig(CommonConfig):
     # latency (queue / adapter throughput) at the price of dropped uploads when the cloud is slow.
     adapter_queue_samples: int = 1024
     adapter_gpu: bool = False  # give the adapter a GPU (when the cluster has one)
+    adapter_resources: str = ""  # a custom resource the adapter's node offers (pins it, e.g. to the head)
     checkpoint_every_s: float = 20.0  # adapter state -> registry; uploads in between are in the WAL
     round_batches: int = 1  # batches per device between two progress lines / host checkpoints
     plot: bool = True

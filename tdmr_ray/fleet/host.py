@@ -57,6 +57,9 @@ class DeviceHost:
     def ready(self) -> bool:
         return True
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     # -- the simulation ---------------------------------------------------------------------
     def run_round(self, n_batches: int) -> dict:
         """Every unfinished device runs up to ``n_batches`` batches; returns this round's numbers."""

@@ -65,6 +65,7 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
     if uploads:
         adapter = ray.remote(CloudAdapterActor).options(
             num_cpus=1, num_gpus=1 if cfg.adapter_gpu else 0, max_restarts=-1, max_task_retries=-1,
+            resources={cfg.adapter_resources: 0.01} if cfg.adapter_resources else None,
             max_concurrency=4, name=actor_name(cfg, run, "adapter")).remote(cfg, run_uri, base_ref)
     n_hosts = cfg.hosts or max(1, int(ray.available_resources().get("CPU", 2)) - (1 if uploads else 0))
     n_hosts = min(n_hosts, cfg.devices)
@@ -126,6 +127,7 @@ def summarize(cfg: FleetConfig, finals: list[dict], adapter: dict, stream_s: flo
         "upload_fraction": round(uploaded / max(seen, 1), 4), "uploaded": uploaded,
         "samples_per_s": round(seen / stream_s, 1), "stream_seconds": round(stream_s, 2),
         "host": counters, "hosts_restored": sum(bool(f["restored"]) for f in finals),
+        "host_nodes": len({f["node"] for f in finals}),
         "devices_on_newest_version": sum(v["version"] > 0 for v in devices.values()),
         "apply_latency_s": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "n": len(latencies)},
         "series": series,

@@ -1,0 +1,75 @@
+"""Multi-node scenarios on one machine (ray.cluster_utils.Cluster), run as subprocesses by
+tests/test_multinode.py: a test session already holds a single-node Ray instance, and a process
+can join only one. Each scenario prints one JSON line with what the test checks.
+
+    python tests/multinode_scenarios.py fleet-node-loss OUT_DIR
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "jobs"))
+
+
+def start_cluster(worker_nodes: int):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # The head keeps the driver-side actors (the adapter asks for "head"); workers hold device hosts.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1},
+                                                          "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(worker_nodes)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster, nodes
+
+
+def fleet_node_loss(out: Path) -> dict:
+    """Hosts spread over worker nodes; the node of host 0 is removed mid-run; the fleet finishes."""
+    import ray
+
+    import cema
+
+    cluster, nodes = start_cluster(worker_nodes=3)
+    removed = []
+
+    def remove_host_node():
+        ckpt = out / "store" / "fleet" / "mn-run" / "hosts" / "host-0.safetensors"
+        deadline = time.time() + 180
+        while time.time() < deadline and not ckpt.exists():
+            time.sleep(0.1)
+        host = ray.get_actor("mn-run-host-0")
+        node_id = ray.get(host.node_id.remote())
+        for node in nodes:
+            if node.node_id == node_id:
+                cluster.remove_node(node, allow_graceful=False)
+                removed.append(node_id)
+                return
+
+    thread = threading.Thread(target=remove_host_node, daemon=True)
+    thread.start()
+    summary = cema.main(["--devices", "8", "--hosts", "2", "--batches-per-device", "8", "--pool-size", "128",
+                         "--batch-size", "32", "--corruptions", "fog,contrast", "--run-name", "mn",
+                         "--output-dir", str(out / "run"), "--storage", str(out / "store"),
+                         "--adapter-resources", "head", "--no-plot"])
+    thread.join(timeout=5)
+    m = summary["metrics"]
+    ray.shutdown()
+    cluster.shutdown()
+    return {"removed": removed, "samples": m["samples"], "devices": m["devices"], "host_nodes": m["host_nodes"],
+            "hosts_restored": m["hosts_restored"], "acked": m["host"]["acked"],
+            "processed": m["adapter"]["processed_samples"], "acked_samples": m["adapter"]["acked_samples"]}
+
+
+SCENARIOS = {"fleet-node-loss": fleet_node_loss}
+
+if __name__ == "__main__":
+    name, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    print("RESULT " + json.dumps(SCENARIOS[name](out)), flush=True)
