@@ -1,0 +1,38 @@
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+
+def test_cema_sweep_end_to_end_and_best_config_feeds_the_job(ray_session, tmp_path):
+    import cema
+    import tune
+
+    from tdmr_ray.config import load_config
+
+    summary = tune.main(["--job", "cema", "--num-samples", "2", "--n-per-corruption", "192",
+                         "--corruptions", "fog,contrast", "--output-dir", str(tmp_path / "sweep"),
+                         "--storage", str(tmp_path / "store")])
+    m = summary["metrics"]
+    assert m["trials"] == 2 and not m["errors"]
+    assert all(r["training_iteration"] == 2 for r in m["rows"])  # one report per corruption
+    assert 0 < m["best"]["accuracy"] <= 1
+    out = tmp_path / "sweep"
+    assert (out / "results.md").read_text().count("\n") == 4 and (out / "best_trials.png").stat().st_size
+    best = yaml.safe_load((out / "best_config.yaml").read_text())
+    cfg = load_config(cema.FleetConfig, ["--config", str(out / "best_config.yaml")], cema.FLEET_PRESETS)
+    assert cfg.cema.filter.e_max_frac == best["cema"]["filter"]["e_max_frac"]
+    assert "--cema.cloud.edge-lr" in m["best_flags"]
+
+
+def test_unknown_job_is_named(tmp_path, capsys):
+    import tune
+
+    import pytest
+
+    with pytest.raises(SystemExit):
+        tune.main(["--job", "nope", "--output-dir", str(tmp_path / "o"), "--storage", str(tmp_path / "s")])
+    assert "unknown job 'nope'" in capsys.readouterr().err
