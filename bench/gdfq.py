@@ -87,10 +87,12 @@ def bench_model(name: str, args, gdfq_cfg: GDFQConfig, calib_cfg: CalibrationCon
 
     def record(method, bits, model, seconds):
         key = f"W{bits}A{bits}" if bits else "FP"
+        start = time.perf_counter()
         out["top1"].setdefault(key, {})[method] = evaluate(model, sets, device)
-        out["seconds"].setdefault(key, {})[method] = round(seconds, 1)
+        eval_s = time.perf_counter() - start
+        out["seconds"].setdefault(key, {})[method] = {"method": round(seconds, 1), "eval": round(eval_s, 1)}
         print(f"{name:9s} {key:5s} {method:6s} " + "  ".join(f"{s} {a:6.2f}" for s, a in out["top1"][key][method].items())
-              + f"  ({seconds:.0f}s)", flush=True)
+              + f"  ({seconds:.0f}s + eval {eval_s:.0f}s)", flush=True)
 
     if "fp" in args.methods:
         record("fp", None, fp, 0.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field
 
+import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
@@ -155,3 +156,25 @@ def calibrate_activation_ranges(model: nn.Module) -> None:
 def freeze_activation_ranges(model: nn.Module) -> None:
     for q in activation_quantizers(model).values():
         q.freeze()
+
+
+@torch.no_grad()
+def sync_activation_ranges(model: nn.Module) -> None:
+    """Average the activation ranges over the ranks of an initialised process group (no-op otherwise).
+
+    Each data-parallel worker calibrates on its own generated batches; averaging their EMA ranges
+    gives every rank the same quantizer, using all ranks' data rather than rank 0's alone.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    quantizers = list(activation_quantizers(model).values())
+    if not quantizers:
+        return
+    ranges = torch.stack([torch.stack([q.x_min, q.x_max]) for q in quantizers])
+    dist.all_reduce(ranges)  # SUM: gloo has no AVG
+    ranges /= dist.get_world_size()
+    for q, (lo, hi) in zip(quantizers, ranges):
+        q.x_min.copy_(lo)
+        q.x_max.copy_(hi)

@@ -11,8 +11,9 @@ For data-parallel training: wrap ``state.qmodel`` in DDP after :func:`make_state
 already holds its parameters) and keep ``state.teacher`` out of DDP (it is frozen: no gradients to
 sync). :func:`make_state` seeds the latent sampler with ``seed + rank``, so every worker generates
 its own batch; the generator and the quantized model start identical on all ranks (both are built
-under ``seed``). Activation-range buffers are rank-local; DDP's default ``broadcast_buffers``
-makes rank 0's ranges the ones every rank uses.
+under ``seed``). During the range-update epochs each rank's activation ranges follow its own
+batches; at the end of each such epoch :func:`train_epoch` averages them over the ranks (when a
+process group is initialised), so all ranks quantize alike afterwards.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from torch import nn
 
 from .fake_quant import EMA_BIAS_CORRECTIONS, check_bits
 from .generator import BNStatisticsLoss, Generator
-from .quantize import QuantReport, calibrate_activation_ranges, freeze_activation_ranges, quantize_model
+from .quantize import (QuantReport, calibrate_activation_ranges, freeze_activation_ranges, quantize_model,
+                       sync_activation_ranges)
 
 KL_REDUCTIONS = ("mean", "batchmean")
 
@@ -276,6 +278,8 @@ def train_epoch(state: GDFQState) -> dict:
             sums[k] = sums.get(k, 0.0) + v
     for student in state.students:  # as the reference: frozen after every epoch, reopened while < 4
         freeze_activation_ranges(_unwrap(student.qmodel))
+        if epoch < cfg.range_update_epochs:
+            sync_activation_ranges(_unwrap(student.qmodel))
     state.epoch += 1
     metrics = {k: v / cfg.iters_per_epoch for k, v in sums.items()}
     metrics.update(epoch=epoch, lr_q=cfg.lr_q * factor, lr_g=cfg.lr_g * factor, quantized_updated=update,
