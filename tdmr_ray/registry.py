@@ -30,8 +30,9 @@ from .storage import filesystem_for, join, resolve_storage
 TENSORS, META = "tensors.safetensors", "meta.json"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# format -> function(tensors, meta) -> nn.Module; other packages (GDFQ) register theirs.
+# format -> function(tensors, meta) -> nn.Module; other packages register theirs, imported on demand.
 MODEL_LOADERS: dict[str, Callable] = {}
+FORMAT_MODULES = {"tdmr-gdfq-quantized/1": "tdmr_ray.gdfq.registry_format"}
 
 
 class RegistryError(ValueError):
@@ -176,6 +177,10 @@ class Registry:
         tensors, meta = self.load_tensors(name, version)
         if meta.get("kind") != "model":
             raise RegistryError(f"{name}@v{meta['version']} is a {meta.get('kind')!r}, not a model")
+        if meta.get("format") in FORMAT_MODULES and meta["format"] not in MODEL_LOADERS:
+            import importlib
+
+            importlib.import_module(FORMAT_MODULES[meta["format"]])
         loader = MODEL_LOADERS.get(meta.get("format"))
         if loader is None:
             raise RegistryError(f"{name}@v{meta['version']}: unknown model format {meta.get('format')!r} "

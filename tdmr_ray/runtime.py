@@ -38,7 +38,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     kwargs = {"runtime_env": {"env_vars": env}} if env else {}
     if not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+        # The local dashboard listens on 127.0.0.1 only; Ray Train's state queries need it.
+        kwargs.update(num_cpus=num_cpus, include_dashboard=True)
     ray.init(**kwargs, log_to_driver=True)
 
 

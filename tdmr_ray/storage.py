@@ -49,6 +49,15 @@ def join(*parts: str) -> str:
     return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p)
 
 
+def ray_storage_kwargs(storage: str, sub: str) -> dict:
+    """``storage_path`` (and ``storage_filesystem`` for S3) for a Ray Train/Tune RunConfig."""
+    storage = resolve_storage(storage)
+    if is_remote(storage):
+        fs, path = filesystem_for(storage)
+        return {"storage_path": join(path, sub), "storage_filesystem": fs}
+    return {"storage_path": join(storage, sub)}
+
+
 class RunStore:
     """Files of one run under a storage URI (local or S3), written atomically: what a restarted
     actor on another node must find (fleet host checkpoints, the adapter's upload log)."""

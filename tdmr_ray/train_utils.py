@@ -16,24 +16,22 @@ from typing import Callable
 
 import torch
 
-from .storage import filesystem_for, is_remote, join, resolve_storage
+from .storage import ray_storage_kwargs
 
 STATE_FILE = "train_state.pt"
 
 
 def fit(train_loop: Callable[[dict], None], loop_config: dict, *, run_name: str, num_workers: int,
-        use_gpu: bool, storage: str, max_failures: int = 2, cpus_per_worker: float = 1):
-    """Run ``train_loop(loop_config)`` on ``num_workers`` Ray Train workers; returns the Result."""
+        use_gpu: bool, storage: str, max_failures: int = 2, cpus_per_worker: float = 1, callbacks=None):
+    """Run ``train_loop(loop_config)`` on ``num_workers`` Ray Train workers; returns the Result.
+
+    ``callbacks``: Ray Train callbacks (a sweep passes Tune's ``TuneReportCallback``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = resolve_storage(storage)
-    run_kwargs = {}
-    if is_remote(storage):
-        fs, path = filesystem_for(storage)
-        run_kwargs.update(storage_path=join(path, "ray-train"), storage_filesystem=fs)
-    else:
-        run_kwargs.update(storage_path=join(storage, "ray-train"))
+    run_kwargs = ray_storage_kwargs(storage, "ray-train")
+    if callbacks:
+        run_kwargs["callbacks"] = callbacks
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,

@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import apply_overrides
 from .runtime import CommonConfig
-from .storage import filesystem_for, is_remote, join, resolve_storage
+from .storage import ray_storage_kwargs
 
 
 @dataclass
@@ -62,15 +62,6 @@ def search_space(job: str) -> dict:
     for key, (kind, *args) in space.items():
         out[key] = getattr(tune, kind)(*args)
     return out
-
-
-def ray_storage_kwargs(storage: str, sub: str) -> dict:
-    """``storage_path`` (and ``storage_filesystem`` for S3) for a Ray Train/Tune RunConfig."""
-    storage = resolve_storage(storage)
-    if is_remote(storage):
-        fs, path = filesystem_for(storage)
-        return {"storage_path": join(path, sub), "storage_filesystem": fs}
-    return {"storage_path": join(storage, sub)}
 
 
 # -- trials -------------------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""GDFQ as a Ray Train job: ``jobs/gdfq.py`` is a thin entry over this module.
+
+Each worker builds the frozen FP teacher, the generator and the quantized student
+(:func:`tdmr_ray.gdfq.train.make_state`), wraps only the student in DDP (the teacher is frozen and
+the generator's loss never involves the student, so each worker trains its own generator copy from
+the same seed on its own latent stream, as the reference's single process would), and runs
+:func:`train_epoch` per epoch, reporting metrics and a checkpoint through Ray Train. A killed run
+resumes from its newest checkpoint (same ``--run-name``). The driver then evaluates the *final*
+model on the clean CIFAR-10 subset and the JPEG test set, and publishes it (integer export) to the
+registry.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from ..runtime import CommonConfig, resolve_model
+from .train import GDFQConfig
+
+
+@dataclass
+class GDFQJobConfig(CommonConfig):
+    model: str = "resnet20"  # full-precision model: a name (pretrained) or a registry reference name@vN
+    w_bits: int = 4
+    a_bits: int = 4
+    num_workers: int = 2
+    use_gpu: bool = False
+    max_failures: int = 2
+    run_name: str = ""  # Ray Train run name (default: from the output directory); the same name resumes
+    publish: bool = True
+    registry_name: str = ""  # default <model>-w<w>a<a>
+    eval_limit: int = 0  # JPEG test images for the final evaluation (0: all 10,000)
+    gdfq: GDFQConfig = field(default_factory=GDFQConfig)
+
+
+PRESETS = {
+    # A few minutes on 2 CPU cores: short schedule, small batches, ranges calibrate for 2 epochs.
+    "quick": {"eval_limit": 2000, "gdfq": {"epochs": 6, "iters_per_epoch": 20, "batch_size": 64,
+                                           "warmup_epochs": 2, "range_update_epochs": 2,
+                                           "lr_milestones": [4]}},
+    "full": {},  # the reference schedule: 400 epochs x 200 iterations x batch 200 (a GPU job)
+}
+
+
+def job_config(preset: str = "quick") -> GDFQJobConfig:
+    from ..config import apply_overrides
+
+    return apply_overrides(GDFQJobConfig(preset=preset), _flat(PRESETS[preset]), f"preset {preset}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def gdfq_config(cfg: GDFQJobConfig) -> GDFQConfig:
+    """The algorithm's settings with the job's bit widths (the flags users reach for first)."""
+    return dataclasses.replace(cfg.gdfq, w_bits=cfg.w_bits, a_bits=cfg.a_bits)
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train.torch
+
+    from ..train_utils import report, restore_state, worker_setup
+    from .train import make_state, train_epoch
+
+    cfg: GDFQJobConfig = config["cfg"]
+    device, rank, world = worker_setup(cfg.seed)
+    state = make_state(resolve_model(cfg.model, cfg.storage), gdfq_config(cfg), device, rank=rank)
+    saved = restore_state()
+    if saved is not None:
+        state.load_state_dict(saved)
+    if world > 1:
+        # Activation ranges are averaged over ranks after each calibrating epoch (train_epoch), so
+        # DDP must not overwrite them with rank 0's buffers on every forward.
+        state.qmodel = ray.train.torch.prepare_model(state.qmodel, parallel_strategy_kwargs={"broadcast_buffers": False})
+    while state.epoch < state.cfg.epochs:
+        metrics = train_epoch(state)
+        report({**metrics, "epoch": state.epoch, "world_size": world, "node": ray.get_runtime_context().get_node_id(),
+                "images_per_s": world * state.cfg.iters_per_epoch * state.cfg.batch_size / metrics["seconds"]},
+               state=state.state_dict())
+
+
+def train(cfg: GDFQJobConfig, callbacks=None, run_name: str | None = None):
+    from ..train_utils import fit
+
+    return fit(train_loop, {"cfg": cfg}, run_name=run_name or cfg.run_name, num_workers=cfg.num_workers,
+               use_gpu=cfg.use_gpu, storage=cfg.storage, max_failures=cfg.max_failures, callbacks=callbacks)
+
+
+def final_model(cfg: GDFQJobConfig, result):
+    """The quantized model of the run's newest checkpoint (the final epoch)."""
+    from pathlib import Path
+
+    from ..train_utils import STATE_FILE, load_state
+    from .quantize import freeze_activation_ranges
+    from .train import make_state
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"the Ray Train run left no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        saved = load_state(Path(d) / STATE_FILE)
+    state = make_state(resolve_model(cfg.model, cfg.storage), gdfq_config(cfg), "cpu")
+    state.load_state_dict(saved)
+    freeze_activation_ranges(state.qmodel)  # evaluation must not move the ranges
+    return state.qmodel.eval(), state.students[0].report, saved["history"]
+
+
+def evaluate(model, eval_limit: int, seed: int) -> dict:
+    from ..data import load_dataset
+    from ..evaluation import accuracy
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return {"clean": round(accuracy(model, load_dataset("cifar10-clean-subset", "test")), 2),
+            "jpeg": round(accuracy(model, load_dataset("cifar10-jpeg", "test").sample(eval_limit, seed)), 2)}

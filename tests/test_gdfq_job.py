@@ -1,0 +1,95 @@
+"""GDFQ as a Ray Train job: two workers, registry publish, resume, and a worker killed mid-run."""
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+TINY = ["--gdfq.epochs", "3", "--gdfq.iters-per-epoch", "3", "--gdfq.batch-size", "16", "--gdfq.warmup-epochs", "1",
+        "--gdfq.range-update-epochs", "1", "--gdfq.lr-milestones", "2", "--eval-limit", "300"]
+
+
+def test_two_worker_job_publishes_a_loadable_quantized_model(ray_session, tmp_path):
+    import gdfq
+
+    from tdmr_ray.registry import Registry
+
+    summary = gdfq.main([*TINY, "--num-workers", "2", "--output-dir", str(tmp_path / "out"),
+                         "--storage", str(tmp_path / "store")])
+    m = summary["metrics"]
+    assert m["epochs"] == 3 and [h["epoch"] for h in m["history"]] == [0, 1, 2]
+    assert m["world_size"] == 2 and m["train_images_per_s"] > 0
+    assert m["quantization_report"]["w_bits"] == 4 and m["bits"] == "W4A4"
+    assert summary["registry_version"] == "resnet20-w4a4@v1"
+    model = Registry.for_storage(str(tmp_path / "store")).load_model("resnet20-w4a4")
+    from tdmr_ray.data import load_dataset
+    from tdmr_ray.evaluation import accuracy
+
+    # The registry copy (integer export) computes what the final model computed.
+    assert abs(accuracy(model, load_dataset("cifar10-clean-subset", "test")) - m["quantized_top1"]["clean"]) < 0.01
+    assert m["fp_top1"]["clean"] > 90
+
+
+def test_rerun_with_same_run_name_resumes_from_checkpoint(ray_session, tmp_path):
+    from tdmr_ray.gdfq.job import final_model, job_config, train
+
+    cfg = job_config("quick")
+    cfg.gdfq.epochs, cfg.gdfq.iters_per_epoch, cfg.gdfq.batch_size = 2, 2, 8
+    cfg.gdfq.warmup_epochs, cfg.gdfq.range_update_epochs, cfg.gdfq.lr_milestones = 1, 1, (1,)
+    cfg.num_workers, cfg.storage, cfg.run_name = 1, str(tmp_path / "store"), "resume-me"
+    first = train(cfg)
+    _, _, history = final_model(cfg, first)
+    start = time.monotonic()
+    second = train(cfg)  # a finished run: restores the final checkpoint, trains nothing more
+    _, _, again = final_model(cfg, second)
+    assert [h["epoch"] for h in again] == [0, 1] and again == history
+    assert time.monotonic() - start < 60
+
+
+def _kill_one_worker_after(checkpoint_dir: Path, killed: list):
+    def kill():
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if checkpoint_dir.exists() and any(checkpoint_dir.glob("checkpoint_*")):
+                for p in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                        p.kill()
+                        killed.append(p.pid)
+                        return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=kill, daemon=True)
+    t.start()
+    return t
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tmp_path):
+    from tdmr_ray.gdfq.job import final_model, job_config, train
+
+    cfg = job_config("quick")
+    cfg.gdfq.epochs, cfg.gdfq.iters_per_epoch, cfg.gdfq.batch_size = 5, 3, 16
+    cfg.gdfq.warmup_epochs, cfg.gdfq.range_update_epochs, cfg.gdfq.lr_milestones = 1, 1, (3,)
+    cfg.num_workers, cfg.storage, cfg.run_name, cfg.max_failures = 2, str(tmp_path / "store"), "ft", 3
+    killed = []
+    thread = _kill_one_worker_after(tmp_path / "store" / "ray-train" / "ft", killed)
+    result = train(cfg)
+    thread.join(timeout=1)
+    assert killed, "no worker was killed"
+    assert result.error is None
+    qmodel, _, history = final_model(cfg, result)
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]  # each epoch once in the final state
+    assert qmodel(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bad_bits_are_named(tmp_path, capsys):
+    import gdfq
+
+    with pytest.raises(SystemExit):
+        gdfq.main(["--w-bits", "1", "--output-dir", str(tmp_path / "o"), "--storage", str(tmp_path / "s")])
+    assert "w_bits" in capsys.readouterr().err
