@@ -15,17 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from tdmr_ray.config import ConfigError, load_config  # noqa: E402
 from tdmr_ray.fleet import FLEET_PRESETS, FleetConfig, run_fleet  # noqa: E402
-from tdmr_ray.runtime import JobRun, fail  # noqa: E402
+from tdmr_ray.fleet.run import check_config  # noqa: E402
+from tdmr_ray.runtime import fail, start_job  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    try:
-        cfg = load_config(FleetConfig, argv, FLEET_PRESETS, __doc__)
-    except ConfigError as exc:
-        fail(str(exc))
-    run = JobRun("cema", cfg)
+    cfg, run = start_job("cema", FleetConfig, argv, FLEET_PRESETS, __doc__, validate=check_config)
     try:
         metrics, prefix = run_fleet(cfg, run)
     except (ValueError, FileNotFoundError) as exc:

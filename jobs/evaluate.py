@@ -16,8 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import ray  # noqa: E402
 
-from tdmr_ray.config import ConfigError, load_config  # noqa: E402
-from tdmr_ray.runtime import CommonConfig, JobRun, fail, init_ray  # noqa: E402
+from tdmr_ray.runtime import CommonConfig, fail, init_ray, start_job  # noqa: E402
 
 PRESETS = {
     "quick": {"limit": 2000, "corruptions": ["gaussian_noise", "defocus_blur", "fog"]},
@@ -55,11 +54,7 @@ def evaluate_pair(model_name: str, dataset: str, corruption: str | None, severit
 
 
 def main(argv=None) -> dict:
-    try:
-        cfg = load_config(EvaluateConfig, argv, PRESETS, __doc__)
-    except ConfigError as exc:
-        fail(str(exc))
-    run = JobRun("evaluate", cfg)
+    cfg, run = start_job("evaluate", EvaluateConfig, argv, PRESETS, __doc__)
     corruptions = cfg.corruptions
     if corruptions == ["all"]:
         from tdmr_ray.data.corruptions import CORRUPTIONS

@@ -15,18 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from tdmr_ray.config import ConfigError, load_config  # noqa: E402
 from tdmr_ray.gdfq.job import PRESETS, GDFQJobConfig, evaluate, final_model, gdfq_config, train  # noqa: E402
-from tdmr_ray.runtime import JobRun, fail, init_ray  # noqa: E402
+from tdmr_ray.runtime import fail, init_ray, start_job  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    try:
-        cfg = load_config(GDFQJobConfig, argv, PRESETS, __doc__)
-        gdfq_config(cfg)  # validates bit widths and the schedule before any worker starts
-    except (ConfigError, ValueError) as exc:
-        fail(str(exc))
-    run = JobRun("gdfq", cfg)
+    # gdfq_config validates bit widths and the schedule before any worker starts.
+    cfg, run = start_job("gdfq", GDFQJobConfig, argv, PRESETS, __doc__, validate=gdfq_config)
     cfg.run_name = cfg.run_name or f"gdfq-{run.output_dir.name}"
     init_ray()
     with run.phase("train"):

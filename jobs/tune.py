@@ -17,8 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import yaml  # noqa: E402
 
-from tdmr_ray.config import ConfigError, load_config  # noqa: E402
-from tdmr_ray.runtime import JobRun, fail, init_ray  # noqa: E402
+from tdmr_ray.runtime import fail, init_ray, start_job  # noqa: E402
 from tdmr_ray.tuning import JOB_PACKAGES, SWEEP_PRESETS, SweepConfig, run_sweep  # noqa: E402
 
 
@@ -30,17 +29,19 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def main(argv=None) -> dict:
-    try:
-        cfg = load_config(SweepConfig, argv, SWEEP_PRESETS, __doc__)
-        job_overrides = flatten(yaml.safe_load(Path(cfg.job_config).read_text()) or {}) if cfg.job_config else {}
-    except (ConfigError, OSError) as exc:
-        fail(str(exc))
+def check_job(cfg: SweepConfig) -> None:
     if cfg.job not in JOB_PACKAGES:
-        fail(f"unknown job {cfg.job!r}; known: {sorted(JOB_PACKAGES)}")
+        raise ValueError(f"unknown job {cfg.job!r}; known: {sorted(JOB_PACKAGES)}")
+
+
+def main(argv=None) -> dict:
+    cfg, run = start_job("tune", SweepConfig, argv, SWEEP_PRESETS, __doc__, validate=check_job)
+    try:
+        job_overrides = flatten(yaml.safe_load(Path(cfg.job_config).read_text()) or {}) if cfg.job_config else {}
+    except (OSError, yaml.YAMLError) as exc:
+        fail(f"cannot read --job-config {cfg.job_config}: {exc}")
     if cfg.job == "cema":  # the sweep adapts CEMA's algorithm: keys under cema.* in a jobs/cema.py YAML
         job_overrides = {k.removeprefix("cema."): v for k, v in job_overrides.items() if k.startswith("cema.")}
-    run = JobRun(f"tune-{cfg.job}", cfg)
     init_ray()
     with run.phase("sweep"):
         try:

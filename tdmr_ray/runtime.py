@@ -100,3 +100,18 @@ def resolve_model(spec: str, storage: str | None = None):
         name, version = parse_ref(spec)
         return Registry.for_storage(storage).load_model(name, version)
     return create_model(spec, pretrained=True)
+
+
+def start_job(job: str, cls, argv, presets: dict, description: str, validate=None):
+    """Parse a job's settings (bad input exits with a one-line error naming it) and open its run.
+
+    ``validate(cfg)`` may raise ValueError for settings that parse but make no sense."""
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(cls, argv, presets, description)
+        if validate is not None:
+            validate(cfg)
+    except (ConfigError, ValueError, OSError) as exc:
+        fail(str(exc))
+    return cfg, JobRun(job, cfg)

@@ -25,7 +25,7 @@ def run_cema(tmp_path, name, *extra):
                       "--run-name", name, *extra])
 
 
-def check_books(summary, tmp_path, name, devices=12, batches=4, batch=32):
+def check_books(summary, tmp_path, name, devices=12, batches=4, batch=32, restarted=False):
     m = summary["metrics"]
     assert m["devices"] == devices and m["samples"] == devices * batches * batch  # every batch ran exactly once
     host, adapter = m["host"], m["adapter"]
@@ -33,6 +33,8 @@ def check_books(summary, tmp_path, name, devices=12, batches=4, batch=32):
     assert m["uploaded"] == host["sent"] + host["dropped_in_flight"]
     assert adapter["acked_samples"] == adapter["processed_samples"] and adapter["acked_not_processed"] == 0
     assert read_uploads(m["run_store"]).num_rows == adapter["acked_samples"]  # the Parquet log holds them all
+    if not restarted:  # a restarted host re-runs its last round; re-sent uploads are deduplicated
+        assert host["acked"] == adapter["acked_samples"]
     return m
 
 
@@ -41,7 +43,7 @@ def test_fleet_end_to_end(ray_session, tmp_path):
 
     summary = run_cema(tmp_path, "e2e")
     m = check_books(summary, tmp_path, "e2e")
-    assert m["host"]["acked"] == m["adapter"]["acked_samples"] > 0
+    assert m["host"]["acked"] > 0
     assert m["devices_on_newest_version"] == 12  # every device applied at least one cloud version
     assert m["adapter"]["published"] > 0 and m["apply_latency_s"]["n"] > 0
     assert set(m["accuracy_by_group"]) == {"gaussian_noise", "fog"}
@@ -79,7 +81,7 @@ def test_host_killed_mid_run_resumes_without_losing_progress(ray_session, tmp_pa
     summary = run_cema(tmp_path, "hostkill", "--batches-per-device", "10", "--checkpoint-every-s", "1000")
     thread.join(timeout=1)
     assert killed, "the host was never killed"
-    m = check_books(summary, tmp_path, "hostkill", batches=10)
+    m = check_books(summary, tmp_path, "hostkill", batches=10, restarted=True)
     assert m["hosts_restored"] == 1
 
 

@@ -22,4 +22,6 @@ def test_fleet_survives_losing_a_node_that_holds_device_hosts(tmp_path):
     assert r["host_nodes"] == 2  # the two hosts ran on different nodes
     assert r["hosts_restored"] == 1  # the lost host came back on another node from its checkpoint
     assert r["samples"] == 8 * 8 * 32  # every device finished its stream, no batch lost or repeated
-    assert r["acked_samples"] == r["processed"] == r["acked"]
+    # No acknowledged sample lost. (The restarted host re-runs its last round; the adapter drops
+    # re-sent uploads by (device, batch), so host-side and adapter-side counts may differ there.)
+    assert r["acked_samples"] == r["processed"] > 0

@@ -14,11 +14,11 @@ def test_cema_sweep_end_to_end_and_best_config_feeds_the_job(ray_session, tmp_pa
     from tdmr_ray.config import load_config
 
     summary = tune.main(["--job", "cema", "--num-samples", "2", "--n-per-corruption", "192",
-                         "--corruptions", "fog,contrast", "--output-dir", str(tmp_path / "sweep"),
+                         "--corruptions", "fog,contrast", "--grace-period", "2", "--output-dir", str(tmp_path / "sweep"),
                          "--storage", str(tmp_path / "store")])
     m = summary["metrics"]
     assert m["trials"] == 2 and not m["errors"]
-    assert all(r["training_iteration"] == 2 for r in m["rows"])  # one report per corruption
+    assert all(r["training_iteration"] == 2 for r in m["rows"])  # one report per corruption, none stopped
     assert 0 < m["best"]["accuracy"] <= 1
     out = tmp_path / "sweep"
     assert (out / "results.md").read_text().count("\n") == 4 and (out / "best_trials.png").stat().st_size

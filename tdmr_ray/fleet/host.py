@@ -170,7 +170,7 @@ class DeviceHost:
             if head == "counters":
                 self.counters[rest] = int(v)
             elif head == "key_version":
-                self.key_version[rest] = int(v)
+                pass  # not restored: updates offered but not yet applied were lost; offer the newest again
             else:
                 per_device[int(head)][rest] = v
         for i, d in enumerate(self.devices):
