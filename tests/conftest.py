@@ -15,8 +15,9 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One real local Ray instance for the whole test session (2 CPUs, like CI)."""
+def ray_session(s3_server):
+    """One real local Ray instance for the whole test session (2 CPUs, like CI). The S3 endpoint
+    starts first so that Ray's worker processes inherit its AWS_* settings."""
     import ray
 
     if not ray.is_initialized():
