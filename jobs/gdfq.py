@@ -46,6 +46,7 @@ def main(argv=None) -> dict:
     metrics = {"fp_top1": fp_acc, "quantized_top1": q_acc, "bits": f"W{cfg.w_bits}A{cfg.a_bits}",
                "quantization_report": report.to_dict(), "epochs": len(history),
                "world_size": (result.metrics or {}).get("world_size"),
+               "worker_nodes": (result.metrics or {}).get("worker_nodes"),
                "train_images_per_s": round((result.metrics or {}).get("images_per_s", 0.0), 1),
                "history": history, "ray_train_path": result.path}
     headline = {f"FP top-1 clean / JPEG": f"{fp_acc['clean']:.2f}% / {fp_acc['jpeg']:.2f}%",

@@ -55,6 +55,19 @@ def worker_setup(seed: int) -> tuple[torch.device, int, int]:
     return get_device(), rank, world
 
 
+def worker_nodes() -> int:
+    """How many distinct Ray nodes this run's workers are on (a collective: call on every rank)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
 def report(metrics: dict, state: dict | None = None) -> None:
     """Report ``metrics``; with ``state``, rank 0 also attaches it as a checkpoint."""
     import ray.train

@@ -67,7 +67,24 @@ def fleet_node_loss(out: Path) -> dict:
             "processed": m["adapter"]["processed_samples"], "acked_samples": m["adapter"]["acked_samples"]}
 
 
-SCENARIOS = {"fleet-node-loss": fleet_node_loss}
+def train_two_nodes(out: Path) -> dict:
+    """A two-worker GDFQ Train job whose workers sit on two different nodes (1 CPU each)."""
+    import ray
+
+    import gdfq
+
+    cluster, _ = start_cluster(worker_nodes=2)
+    summary = gdfq.main(["--gdfq.epochs", "2", "--gdfq.iters-per-epoch", "2", "--gdfq.batch-size", "8",
+                         "--gdfq.warmup-epochs", "1", "--gdfq.range-update-epochs", "1", "--gdfq.lr-milestones", "1",
+                         "--eval-limit", "100", "--num-workers", "2", "--no-publish",
+                         "--output-dir", str(out / "run"), "--storage", str(out / "store")])
+    m = summary["metrics"]
+    ray.shutdown()
+    cluster.shutdown()
+    return {"world_size": m["world_size"], "worker_nodes": m["worker_nodes"], "epochs": m["epochs"]}
+
+
+SCENARIOS = {"fleet-node-loss": fleet_node_loss, "train-two-nodes": train_two_nodes}
 
 if __name__ == "__main__":
     name, out = sys.argv[1], Path(sys.argv[2])

@@ -25,3 +25,8 @@ def test_fleet_survives_losing_a_node_that_holds_device_hosts(tmp_path):
     # No acknowledged sample lost. (The restarted host re-runs its last round; the adapter drops
     # re-sent uploads by (device, batch), so host-side and adapter-side counts may differ there.)
     assert r["acked_samples"] == r["processed"] > 0
+
+
+def test_train_job_workers_on_two_nodes(tmp_path):
+    r = run_scenario("train-two-nodes", tmp_path)
+    assert r["world_size"] == 2 and r["worker_nodes"] == 2 and r["epochs"] == 2

@@ -66,11 +66,12 @@ def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train.torch
 
-    from ..train_utils import report, restore_state, worker_setup
+    from ..train_utils import report, restore_state, worker_nodes, worker_setup
     from .train import make_state, train_epoch
 
     cfg: GDFQJobConfig = config["cfg"]
     device, rank, world = worker_setup(cfg.seed)
+    nodes = worker_nodes()
     state = make_state(resolve_model(cfg.model, cfg.storage), gdfq_config(cfg), device, rank=rank)
     saved = restore_state()
     if saved is not None:
@@ -81,7 +82,7 @@ def train_loop(config: dict) -> None:
         state.qmodel = ray.train.torch.prepare_model(state.qmodel, parallel_strategy_kwargs={"broadcast_buffers": False})
     while state.epoch < state.cfg.epochs:
         metrics = train_epoch(state)
-        report({**metrics, "epoch": state.epoch, "world_size": world, "node": ray.get_runtime_context().get_node_id(),
+        report({**metrics, "epoch": state.epoch, "world_size": world, "worker_nodes": nodes,
                 "images_per_s": world * state.cfg.iters_per_epoch * state.cfg.batch_size / metrics["seconds"]},
                state=state.state_dict())
 
