@@ -1,0 +1,175 @@
+"""TDMR against its baselines on limited-label downstream tasks built from CIFAR-10-JPEG.
+
+Foundation: the pretrained CIFAR ResNet-56 (clean CIFAR-10; JPEG is a shifted domain for it).
+Target: a small timm CNN (``resnet10t`` by default). Tasks draw their labelled images (1% or 10%,
+stratified, seeded) from the JPEG training set; the rest of the training images are unlabelled
+and only the distillation terms read them. ``cifar10-5``/``cifar10-2`` regroup the ten classes into
+five/two superclasses, a label space the foundation was not trained on. Test: the JPEG test set
+(a seeded stratified 2,000-image subset in ``--preset quick``). Methods, all through the same code,
+data and step budgets: ``scratch``, ``ft-kd`` (classic KD from the fully fine-tuned foundation),
+``lp-kd`` (classic KD from a linear probe), ``tdmr``. Accuracy is the final model's (no selection on
+test data). Compute: wall-clock seconds and images through each model (forward/backward) with a
+FLOPs estimate (see ``tdmr_ray.tdmr.compute``). Writes ``bench/results/tdmr-<preset>.{json,md}``.
+
+    TDMR_DATA=../shared/data TDMR_WEIGHTS=../shared/weights/cifar10-resnet \\
+        python bench/tdmr.py --preset quick
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import torch  # noqa: E402
+
+from tdmr_ray.data import load_dataset  # noqa: E402
+from tdmr_ray.tdmr import (METHODS, TDMRConfig, pretrained_foundation, regroup_classes, run_method,  # noqa: E402
+                           split_holdout, split_labelled, target_factory)
+from tdmr_ray.utils import write_atomic  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = {  # name -> (regrouping or None, labelled fraction)
+    "cifar10@1%": (None, 0.01),
+    "cifar10@10%": (None, 0.10),
+    "cifar10-5@1%": ("cifar10-5", 0.01),
+    "cifar10-2@1%": ("cifar10-2", 0.01),
+    "cifar10-5@10%": ("cifar10-5", 0.10),
+}
+PRESETS = {
+    # A few minutes per task on 2 free CPU cores; 2,000 test images.
+    "quick": {"tasks": ["cifar10@1%", "cifar10@10%", "cifar10-5@1%"], "eval_images": 2000,
+              "teacher": {"steps": 100, "batch_size": 64},
+              "distill": {"steps": 250, "labelled_batch_size": 32, "unlabelled_batch_size": 96}},
+    # Benchmark size (hours on a CPU, minutes on a GPU); the whole test set.
+    "full": {"tasks": list(TASKS), "eval_images": None,
+             "teacher": {"steps": 1000, "batch_size": 64},
+             "distill": {"steps": 4000, "labelled_batch_size": 64, "unlabelled_batch_size": 192}},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), help="default: the preset's")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--foundation", default="resnet56")
+    p.add_argument("--target", default=None, help="timm name or CIFAR ResNet (default: the library's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. distill.steps=100 teacher.prompt=pad (YAML/JSON values)")
+    p.add_argument("--data-root", default=None, help="default: $TDMR_DATA (weights come from $TDMR_WEIGHTS)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared machine more threads than free cores slow torch down)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    return p.parse_args(argv)
+
+
+def build_config(preset: dict, overrides: list[str], seed: int) -> TDMRConfig:
+    d = TDMRConfig(seed=seed).to_dict()
+    for section in ("teacher", "distill"):
+        d[section].update(preset[section])
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        node, *path = key.split(".")
+        parent = d
+        for part in [node, *path][:-1]:
+            if part not in parent:
+                raise SystemExit(f"--set: unknown key {key!r}")
+            parent = parent[part]
+        if [node, *path][-1] not in parent:
+            raise SystemExit(f"--set: unknown key {key!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string such as pad or cosine
+        parent[[node, *path][-1]] = value
+    return TDMRConfig.from_dict(d)
+
+
+def make_task(name: str, train, test, seed: int, eval_images: int | None):
+    groups, fraction = TASKS[name]
+    if groups:
+        train, test = regroup_classes(train, groups), regroup_classes(test, groups)
+    labelled, unlabelled = split_labelled(train, fraction, seed)
+    if eval_images and eval_images < len(test):
+        _, test = split_holdout(test, eval_images / len(test), seed)  # stratified subset
+    return labelled, unlabelled, test
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    preset = PRESETS[args.preset]
+    cfg = build_config(preset, args.set, args.seed)
+    train = load_dataset("cifar10-jpeg", "train", args.data_root)
+    test = load_dataset("cifar10-jpeg", "test", args.data_root)
+    make_foundation = pretrained_foundation(args.foundation)
+    make_target = target_factory(args.target) if args.target else target_factory()
+    target_name = args.target or make_target(10, 3).arch["name"]
+    rows = []
+    for task in args.tasks or preset["tasks"]:
+        labelled, unlabelled, task_test = make_task(task, train, test, args.seed, preset["eval_images"])
+        for method in args.methods:
+            print(f"[{task}] {method}: {len(labelled)} labelled, {len(unlabelled)} unlabelled, "
+                  f"{len(task_test)} test", file=sys.stderr, flush=True)
+            r = run_method(method, make_foundation, make_target, labelled, task_test, unlabelled, cfg,
+                           log=lambda phase, step, m: print(
+                               f"  {phase} {step}: " + " ".join(f"{k}={v:.3f}" for k, v in m.items()),
+                               file=sys.stderr, flush=True), device=device)
+            c = r["compute"]
+            row = {"task": task, "method": method, "labelled": len(labelled), "test_images": len(task_test),
+                   "target_acc": round(100 * r["target_acc"], 2),
+                   "teacher_acc": round(100 * r["teacher_acc"], 2) if "teacher_acc" in r else None,
+                   "seconds": round(r["train_seconds"], 1), "teacher_seconds": round(r.get("teacher_seconds", 0), 1),
+                   "distill_seconds": round(r["distill_seconds"], 1), "tflops": round(c["flops"] / 1e12, 3),
+                   "forward_images": c["forward_images"], "backward_images": c["backward_images"],
+                   "flops_per_image": c["flops_per_image"]}
+            rows.append(row)
+            print(f"[{task}] {method}: target {row['target_acc']}%  teacher {row['teacher_acc']}%  "
+                  f"{row['seconds']} s  {row['tflops']} TFLOPs", file=sys.stderr, flush=True)
+    result = {"preset": args.preset, "foundation": args.foundation, "target": target_name,
+              "config": cfg.to_dict(), "rows": rows, "host": platform.node(), "threads": args.threads, "device": device,
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"tdmr-{args.preset}{'-' + args.tag if args.tag else ''}"
+    write_atomic(args.out_dir / f"{stem}.json", json.dumps(result, indent=1).encode())
+    write_atomic(args.out_dir / f"{stem}.md", markdown(result).encode())
+    print(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# TDMR bench ({result['preset']}): foundation {result['foundation']}, target {result['target']}",
+             "", "Target top-1 (%) of the final model on the JPEG test set"
+             f"{' subset' if result['rows'] and result['rows'][0]['test_images'] < 10000 else ''}; "
+             "teacher = the foundation-based teacher the target learnt from; compute = training only "
+             "(FLOPs estimate: forward + backward, see tdmr_ray.tdmr.compute).", "",
+             "| task | labelled | method | target acc | teacher acc | seconds | TFLOPs | foundation fwd/bwd imgs | target fwd/bwd imgs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        fb = {m: (r["forward_images"].get(m, 0), sum(r["backward_images"].get(m, {}).values()))
+              for m in ("foundation", "target")}
+        teacher = "-" if r["teacher_acc"] is None else f"{r['teacher_acc']:.2f}"
+        lines.append(f"| {r['task']} | {r['labelled']} | {r['method']} | {r['target_acc']:.2f} | {teacher} | "
+                     f"{r['seconds']:.0f} | {r['tflops']:.2f} | {fb['foundation'][0]}/{fb['foundation'][1]} | "
+                     f"{fb['target'][0]}/{fb['target'][1]} |")
+    best = {}
+    for r in result["rows"]:
+        if r["task"] not in best or r["target_acc"] > best[r["task"]][1]:
+            best[r["task"]] = (r["method"], r["target_acc"])
+    lines += ["", "Best per task: " + ", ".join(f"{t}: {m} ({a:.2f})" for t, (m, a) in best.items()), "",
+              f"Device {result['device']}, {result['threads']} CPU threads, torch {result['torch']}, {result['date']}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
