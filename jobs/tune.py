@@ -17,16 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import yaml  # noqa: E402
 
+from tdmr_ray.config import flatten  # noqa: E402
 from tdmr_ray.runtime import fail, init_ray, start_job  # noqa: E402
 from tdmr_ray.tuning import JOB_PACKAGES, SWEEP_PRESETS, SweepConfig, run_sweep  # noqa: E402
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{str(k).replace('-', '_')}"
-        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
 
 
 def check_job(cfg: SweepConfig) -> None:

@@ -153,3 +153,12 @@ def to_dict(cfg) -> dict:
 def apply_overrides(cfg: C, overrides: dict, source: str = "overrides") -> C:
     """A copy of ``cfg`` with dotted-key overrides applied (``{"cloud.edge_lr": 1e-3}``); unknown keys fail."""
     return _apply(cfg, _nest(overrides), source)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested mapping -> dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``); dashes become underscores."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{str(k).replace('-', '_')}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out

@@ -45,16 +45,9 @@ PRESETS = {
 
 
 def job_config(preset: str = "quick") -> GDFQJobConfig:
-    from ..config import apply_overrides
+    from ..config import apply_overrides, flatten
 
-    return apply_overrides(GDFQJobConfig(preset=preset), _flat(PRESETS[preset]), f"preset {preset}")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+    return apply_overrides(GDFQJobConfig(preset=preset), flatten(PRESETS[preset]), f"preset {preset}")
 
 
 def gdfq_config(cfg: GDFQJobConfig) -> GDFQConfig:
