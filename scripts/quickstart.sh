@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TDMR_DATA=${TDMR_DATA:-$(cd .. && pwd)/shared/data}
 export TDMR_WEIGHTS=${TDMR_WEIGHTS:-$(cd .. && pwd)/shared/weights/cifar10-resnet}
-exec .venv/bin/python jobs/evaluate.py --preset quick "$@"
+exec .venv/bin/python jobs/cema.py --preset quick "$@"
