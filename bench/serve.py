@@ -105,7 +105,8 @@ def main(argv=None):
     ray.init(include_dashboard=False, log_to_driver=False)
     serve_port, minimal_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
-    serve.run(build({"registry": reg_uri, "threads": 1, "poll_interval_s": 0.5}), name="edge", route_prefix="/")
+    serve.run(build({"registry": reg_uri, "threads": 1, "poll_interval_s": 0.5, "model": "resnet20-cifar10",
+                     "params_prefix": "edge-"}), name="edge", route_prefix="/")
     minimal = subprocess.Popen([sys.executable, "-m", "serve.minimal", "--registry", reg_uri,
                                 "--port", str(minimal_port)], cwd=REPO)
     urls = {"serve": f"http://127.0.0.1:{serve_port}", "minimal": f"http://127.0.0.1:{minimal_port}"}

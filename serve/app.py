@@ -33,8 +33,8 @@ from tdmr_ray.registry import Registry, RegistryError
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 DEFAULTS = {
     "registry": "",  # registry URI; default <$TDMR_STORAGE>/registry
-    "model": "resnet20-cifar10",  # registry name of the base model (newest version served)
-    "params_prefix": "edge-",  # device/group id -> registry name of its parameter sets
+    "model": "cema-edge",  # registry name of the base model (newest version served); jobs/cema.py's default
+    "params_prefix": "edge-cema-",  # device/group id -> registry name of its parameter sets
     "input_size": 32,
     "poll_interval_s": 2.0,
     "max_batch_size": 64,

@@ -32,7 +32,8 @@ def server(ray_session, tmp_path_factory, clean_subset):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build({"registry": reg_uri, "poll_interval_s": 0.2, "max_request_bytes": 200_000}),
+    serve.run(build({"registry": reg_uri, "poll_interval_s": 0.2, "max_request_bytes": 200_000,
+                     "model": "resnet20-cifar10", "params_prefix": "edge-"}),
               name="edge", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):

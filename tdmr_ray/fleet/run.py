@@ -8,6 +8,7 @@ import numpy as np
 import ray
 
 from ..cema import METHODS
+from ..data import load_dataset
 from ..registry import Registry
 from ..runtime import JobRun, init_ray, resolve_model
 from ..storage import join, resolve_storage
@@ -51,8 +52,9 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
     check_config(cfg)
     init_ray()
     registry = Registry.for_storage(cfg.storage)
-    base_ref = cfg.edge if "@" in cfg.edge else \
-        registry.publish_model(f"{cfg.run_name}-edge", resolve_model(cfg.edge), extra={"source": cfg.edge}).ref
+    classes = load_dataset(cfg.dataset, "test").classes  # label names, for Serve's answers
+    base_ref = cfg.edge if "@" in cfg.edge else registry.publish_model(
+        f"{cfg.run_name}-edge", resolve_model(cfg.edge), extra={"source": cfg.edge, "classes": classes}).ref
     cfg.edge = base_ref  # every actor loads the same registered version
     uploads = METHODS[cfg.method].uploads
     run_uri = fleet_run_uri(cfg, run)
