@@ -11,6 +11,8 @@ edge and cloud code:
 ``none``              frozen edge model, source statistics, nothing uploaded
 ``bn_adapt``          forward-only BN statistics adaptation on the edge (reference
                       ``bn_adapt.py``: 0.5 * source + 0.5 * batch statistics), no upload
+``tbr_stats``         forward-only TBR statistics on the edge, no upload: CEMA's edge without
+                      the cloud (an ablation: what the cloud's updates add)
 ``tent``              Tent on the edge (entropy minimization of the normalization affine
                       parameters, needs edge backward): an upper reference, not cloud-edge
 ``upload_all``        CEMA's cloud side with every sample uploaded (filters off)
@@ -22,7 +24,6 @@ edge and cloud code:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 
@@ -79,15 +80,22 @@ def redundancy_margin_for(num_classes: int) -> float:
 class EdgeConfig:
     """Edge-side normalization."""
 
-    # Statistics mode of the edge model: "tbr" for CEMA (as the reference), "source", "mix", "batch".
+    # Statistics mode of the edge model: "tbr", "source", "mix" or "batch". Set by the method
+    # (METHODS): the uploading methods use "tbr" on the edge and for both cloud models, as the reference.
     norm: str = "tbr"
     tbr_momentum: float = 0.1  # BatchNorm's default momentum, as in the reference's TBR layers
     mix_weight: float = 0.5  # batch share in "mix" mode (reference bn_adapt.conf momentum 0.5)
-    # Where the edge's TBR statistics come from. The reference simulates the edge with the
-    # cloud's own copy, so its statistics are the cloud copy's (updated on uploaded and replayed
-    # samples). "local" (default, a departure): the edge updates its statistics by EMA from every
-    # batch it infers, forward only, and updates carry affine parameters only. "cloud": updates
-    # also carry the cloud copy's statistics and the edge does not move them itself.
+    # Where the edge's TBR statistics come from (methods that upload). The reference simulates
+    # the edge with the cloud's own edge model, so its edge runs the cloud copy's statistics
+    # (moved on uploaded and replayed samples). "local" (default, a departure): the edge moves
+    # its statistics itself by EMA over every batch it infers (forward only) and updates carry
+    # affine parameters only. "cloud" (the reference's behaviour): updates also carry the cloud
+    # copy's statistics, about twice the bytes down, and the edge keeps its first batch's
+    # statistics until the first update. Measured on the quick benchmark, "cloud" is about as
+    # accurate with a reset per corruption but collapses in the continual stream: after a shift
+    # the edge's stale statistics make most samples unreliable, few are uploaded, and the
+    # cloud's statistics (pulled back by replayed old-domain samples) never catch up.
+    # Methods without a cloud ("tbr_stats") always use "local".
     stats_source: str = "local"
 
 
@@ -151,6 +159,7 @@ METHODS: dict[str, MethodSpec] = {
     "none": MethodSpec("source", description="no adaptation"),
     "bn_adapt": MethodSpec("mix", description="forward-only BN statistics adaptation (edge)"),
     "tent": MethodSpec("batch", edge_learning=True, description="Tent on the edge (edge backward; upper reference)"),
+    "tbr_stats": MethodSpec("tbr", description="edge TBR statistics only: CEMA's edge without cloud updates"),
     "upload_all": MethodSpec("tbr", uploads=True, filter_preset="upload_all",
                              description="distillation, every sample uploaded"),
     "eata_filter": MethodSpec("tbr", uploads=True, filter_preset="released",
@@ -172,12 +181,8 @@ def method_config(method: str, base: CEMAConfig | None = None) -> CEMAConfig:
         raise ValueError(f"unknown CEMA method {method!r}; choose from {sorted(METHODS)}")
     spec = METHODS[method]
     base = base or CEMAConfig()
-    return dataclasses.replace(base, filter=base.filter.with_preset(spec.filter_preset),
-                               edge=dataclasses.replace(base.edge, norm=spec.edge_norm))
+    edge = dataclasses.replace(base.edge, norm=spec.edge_norm)
+    if not spec.uploads:
+        return dataclasses.replace(base, edge=edge)
+    return dataclasses.replace(base, edge=edge, filter=base.filter.with_preset(spec.filter_preset))
 
-
-def entropy_bounds(cfg: FilterConfig | CloudConfig, num_classes: int) -> tuple[float, float]:
-    """(E_max, E_min) in nats for ``num_classes`` (E_min is 0 for a CloudConfig)."""
-    e_max = cfg.e_max_frac * math.log(num_classes)
-    e_min = cfg.e_min_frac * math.log(num_classes) if isinstance(cfg, FilterConfig) else 0.0
-    return e_max, e_min

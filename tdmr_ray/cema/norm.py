@@ -30,6 +30,8 @@ TBR_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 class TestTimeBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose statistics come from ``mode`` (see the module docstring)."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
         # The source statistics stay untouched; running_* hold the TBR statistics.
@@ -57,38 +59,57 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
         new.bias.requires_grad_(bn.bias.requires_grad)
         return new.to(bn.weight.device)
 
+    def _batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch mean, biased batch std (with eps) and unbiased batch variance, per channel.
+
+        The reference computes the statistics with ``torch.var_mean`` (unbiased) and normalizes
+        with the unbiased std; the fused batch-norm kernel used here normalizes with the biased
+        one. Values are identical (``r`` cancels the difference); gradients differ by a factor
+        1 - 1/(N*H*W). The fused kernel is about 3x faster than var_mean on CPU.
+        """
+        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+        std = invstd.reciprocal()
+        n = x.numel() // x.shape[1]
+        var = (std.square() - self.eps).clamp_min(0) * (n / max(n - 1, 1))
+        return mean, std, var
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "source":
             return F.batch_norm(x, self.source_mean, self.source_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.mode == "batch":
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        # The reference computes these with torch.var_mean's default (unbiased) variance.
-        var, mean = torch.var_mean(x, dim=(0, 2, 3))
         if self.mode == "mix":
+            with torch.no_grad():  # statistics, not a path for gradients
+                mean, _, var = self._batch_stats(x)
             w = self.mix_weight
             return F.batch_norm(x, (1 - w) * self.source_mean + w * mean, (1 - w) * self.source_var + w * var,
                                 self.weight, self.bias, False, 0.0, self.eps)
         if self.mode != "tbr":
             raise ValueError(f"unknown normalization mode {self.mode!r}; expected one of {NORM_MODES}")
-        if not self.stats_started:
-            self.running_mean.copy_(mean.detach())
-            self.running_var.copy_(var.detach())
+        grad = torch.is_grad_enabled()
+        if not grad and not self.training and self.stats_started:  # nothing to learn or update
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        with torch.no_grad():
+            mean, batch_std, var = self._batch_stats(x)
+        fresh = not self.stats_started
+        if fresh:
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
             self.num_batches_tracked.fill_(1)
             self.stats_started = True
-        if torch.is_grad_enabled():
-            shape = (1, -1, 1, 1)
-            batch_std = torch.sqrt(var + self.eps)
+        if grad:
+            # ((x - mu_b) / s_b * r + d) * weight + bias, with r = s_b / s_r and d = (mu_b - mu_r) / s_r
+            # detached, fused into one batch-norm call with scale weight * r and shift bias + weight * d.
             running_std = torch.sqrt(self.running_var + self.eps)
-            r = (batch_std.detach() / running_std).view(shape)
-            d = ((mean.detach() - self.running_mean) / running_std).view(shape)
-            y = (x - mean.view(shape)) / batch_std.view(shape) * r + d
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        else:  # same value, no graph: normalize with the running statistics directly
+            r = batch_std / running_std
+            d = (mean - self.running_mean) / running_std
+            y = F.batch_norm(x, None, None, self.weight * r, self.bias + self.weight * d, True, 0.0, self.eps)
+        else:  # the same value without a graph: normalize with the running statistics directly
             y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        if self.training:
+        if self.training and not fresh:  # (an EMA step towards the batch it started from is a no-op)
             with torch.no_grad():
-                self.running_mean.add_(self.momentum * (mean.detach() - self.running_mean))
-                self.running_var.add_(self.momentum * (var.detach() - self.running_var))
+                self.running_mean.add_(self.momentum * (mean - self.running_mean))
+                self.running_var.add_(self.momentum * (var - self.running_var))
                 self.num_batches_tracked.add_(1)
         return y
 

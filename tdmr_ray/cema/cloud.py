@@ -1,0 +1,250 @@
+"""The cloud: foundation adaptation and distillation into the edge's normalization parameters.
+
+:class:`CloudAdapter` holds one foundation model and one cloud copy of the edge model (both
+with TBR normalization) and keeps the adaptation state per key (a device id, or a group id the
+caller chooses) as explicit tensors: both models' normalization affine parameters, TBR
+statistics and SGD momentum, the replay buffer, the samples waiting for a full batch, and the
+version counter. Per uploaded batch of ``cloud.batch_size`` (reference ``cema.py``):
+
+1. foundation: minimize ``H / exp(H - E_max)`` over the new batch (TBR statistics move);
+2. edge copy: distil ``alpha * weighted entropy + beta * KL + gamma * CE`` from the foundation
+   (frozen statistics) on the new batch plus ``replay_ratio`` x its size from the replay buffer
+   once it holds ``replay_min`` samples; a ``process`` call that completes no batch distils on
+   ``replay_only_multiple`` x batch_size replayed samples (once the buffer exceeds replay_min);
+3. emit the edge copy's affine parameters as a new version.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models import get_norm_affine, norm_affine_parameters
+from . import state_io as sio
+from .config import CEMAConfig
+from .losses import distillation_loss, weighted_entropy_loss
+from .messages import UpdateMessage, UploadMessage, validate_upload
+from .norm import convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode
+from .sgd import sgd_momentum_step
+
+
+@dataclass
+class ModelState:
+    """One model's adaptable state for one key."""
+
+    affine: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor] | None = None  # TBR statistics; None until the first batch
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def put(self, flat: dict, prefix: str) -> None:
+        sio.put(flat, prefix + "affine.", self.affine)
+        sio.put(flat, prefix + "stats.", self.stats)
+        sio.put(flat, prefix + "momentum.", self.momentum)
+
+    @classmethod
+    def take(cls, flat: dict, prefix: str, device) -> "ModelState":
+        affine = sio.take(flat, prefix + "affine.", device)
+        if affine is None:
+            raise ValueError(f"cloud state has no {prefix}affine parameters")
+        return cls(affine, sio.take(flat, prefix + "stats.", device), sio.take(flat, prefix + "momentum.", device) or {})
+
+
+@dataclass
+class KeyState:
+    foundation: ModelState
+    edge: ModelState
+    replay: torch.Tensor  # uint8 (N, H, W, C), newest last, at most replay_capacity
+    pending: torch.Tensor  # uint8 (P, H, W, C), uploaded but not yet in a cloud batch
+    version: int = 0
+    steps: int = 0
+    replay_only_steps: int = 0
+    samples_received: int = 0
+
+    COUNTERS = ("version", "steps", "replay_only_steps", "samples_received")
+
+
+class CloudAdapter:
+    """Cloud side of CEMA for any number of keys (devices or groups). Not thread-safe."""
+
+    def __init__(self, foundation: nn.Module, edge: nn.Module, cfg: CEMAConfig,
+                 image_shape: tuple[int, int, int] = (32, 32, 3), device: str | torch.device = "cpu"):
+        c = cfg.cloud
+        if c.replay_min < max(c.replay_ratio, c.replay_only_multiple) * c.batch_size:
+            raise ValueError(f"cloud.replay_min ({c.replay_min}) must be at least max(replay_ratio, "
+                             f"replay_only_multiple) * batch_size = "
+                             f"{max(c.replay_ratio, c.replay_only_multiple) * c.batch_size}: replay draws "
+                             "are sampled without replacement")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.image_shape = tuple(image_shape)
+        self.foundation = convert_to_test_time_bn(foundation).to(self.device)
+        self.edge = convert_to_test_time_bn(edge).to(self.device)
+        self.num_classes = _num_classes(self.edge, self.image_shape, self.device)
+        if _num_classes(self.foundation, self.image_shape, self.device) != self.num_classes:
+            raise ValueError("foundation and edge models predict different numbers of classes")
+        self.e_max = cfg.cloud.e_max_frac * math.log(self.num_classes)
+        self.send_stats = cfg.edge.stats_source == "cloud"
+        self._f_params = norm_affine_parameters(self.foundation)
+        self._e_params = norm_affine_parameters(self.edge)
+        self._f_init = {k: v.to(self.device) for k, v in get_norm_affine(self.foundation).items()}
+        self._e_init = {k: v.to(self.device) for k, v in get_norm_affine(self.edge).items()}
+        self.keys: dict[str, KeyState] = {}
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.counters = {"uploads": 0, "rejected": 0, "updates_sent": 0, "bytes_down": 0}
+
+    # -- public API -------------------------------------------------------------------------
+    def validate(self, upload: UploadMessage) -> None:
+        """Raise ValueError if ``upload`` is malformed (wrong type, shape, dtype, NaN entropies)."""
+        validate_upload(upload, self.image_shape)
+
+    def process(self, upload: UploadMessage, key: str | None = None) -> UpdateMessage | None:
+        """Take one upload (the edge's selection from one batch, maybe empty) for ``key``
+        (default: its device id); run the cloud steps it completes; return the newest update,
+        or None when no step ran. Malformed uploads raise ValueError and change nothing."""
+        try:
+            self.validate(upload)
+        except ValueError:
+            self.counters["rejected"] += 1
+            raise
+        self.counters["uploads"] += 1
+        ks = self._key_state(key or upload.device_id)
+        new = torch.from_numpy(upload.images).to(self.device)
+        ks.samples_received += len(new)
+        # As the reference: uploads enter the replay buffer when they arrive.
+        ks.replay = torch.cat([ks.replay, new])[-self.cfg.cloud.replay_capacity:]
+        ks.pending = torch.cat([ks.pending, new])
+        stepped = False
+        batch = self.cfg.cloud.batch_size
+        while len(ks.pending) >= batch:
+            self._step(ks, ks.pending[:batch])
+            ks.pending = ks.pending[batch:]
+            stepped = True
+        if not stepped and self.cfg.cloud.replay_only_steps and len(ks.replay) > self.cfg.cloud.replay_min:
+            self._step(ks, None)
+            stepped = True
+        return self.update_for(key or upload.device_id) if stepped else None
+
+    def update_for(self, key: str) -> UpdateMessage:
+        """The current parameters for ``key`` (e.g. for a device that (re)joins)."""
+        ks = self._key_state(key)
+        self.counters["updates_sent"] += 1
+        msg = UpdateMessage(key, ks.version, {k: v.detach().cpu().clone() for k, v in ks.edge.affine.items()},
+                            {k: v.detach().cpu().clone() for k, v in ks.edge.stats.items()}
+                            if self.send_stats and ks.edge.stats is not None else None)
+        self.counters["bytes_down"] += msg.nbytes
+        return msg
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to resume, as a flat dict of CPU tensors (safetensors can store it)."""
+        flat = {"rng": self.generator.get_state()}
+        for name, v in self.counters.items():
+            flat[f"counters.{name}"] = sio.int_tensor(v)
+        for i, (key, ks) in enumerate(self.keys.items()):
+            p = f"keys.{i}."
+            flat[p + "name"] = sio.str_tensor(key)
+            for c in KeyState.COUNTERS:
+                flat[p + c] = sio.int_tensor(getattr(ks, c))
+            flat[p + "replay"] = ks.replay.cpu().contiguous()
+            flat[p + "pending"] = ks.pending.cpu().contiguous()
+            ks.foundation.put(flat, p + "foundation.")
+            ks.edge.put(flat, p + "edge.")
+        return flat
+
+    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
+        keys: dict[str, KeyState] = {}
+        n_keys = len({k.split(".")[1] for k in flat if k.startswith("keys.")})
+        for i in range(n_keys):
+            p = f"keys.{i}."
+            ks = KeyState(ModelState.take(flat, p + "foundation.", self.device),
+                          ModelState.take(flat, p + "edge.", self.device),
+                          sio.require(flat, p + "replay").to(self.device),
+                          sio.require(flat, p + "pending").to(self.device))
+            for c in KeyState.COUNTERS:
+                setattr(ks, c, int(sio.require(flat, p + c)))
+            for part, params in (("foundation", self._f_params), ("edge", self._e_params)):
+                got = getattr(ks, part).affine
+                if set(got) != set(params) or any(got[k].shape != params[k].shape for k in params):
+                    raise ValueError(f"checkpoint key {i}: {part} parameters do not fit the model")
+            keys[sio.tensor_str(sio.require(flat, p + "name"))] = ks
+        self.generator.set_state(sio.require(flat, "rng"))
+        self.counters = {k: int(v) for k, v in (sio.take(flat, "counters.") or {}).items()}
+        self.keys = keys
+
+    # -- internals ---------------------------------------------------------------------------
+    def _key_state(self, key: str) -> KeyState:
+        if key not in self.keys:
+            empty = torch.empty((0, *self.image_shape), dtype=torch.uint8, device=self.device)
+            self.keys[key] = KeyState(ModelState({k: v.clone() for k, v in self._f_init.items()}),
+                                      ModelState({k: v.clone() for k, v in self._e_init.items()}),
+                                      empty, empty.clone())
+        return self.keys[key]
+
+    def _to_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images.permute(0, 3, 1, 2).float().div_(255)
+
+    def _sample_replay(self, ks: KeyState, n: int) -> torch.Tensor:
+        idx = torch.randperm(len(ks.replay), generator=self.generator)[:n].to(self.device)
+        return ks.replay[idx]
+
+    def _step(self, ks: KeyState, new: torch.Tensor | None) -> None:
+        """One cloud step on ``new`` (a full batch) or, with None, on replayed samples only."""
+        c = self.cfg.cloud
+        _load(self.foundation, self._f_params, ks.foundation)
+        _load(self.edge, self._e_params, ks.edge)
+        if new is not None:
+            x_new = self._to_input(new)
+            # Step 1: the foundation model, entropy minimization; its TBR statistics move here.
+            set_norm_mode(self.foundation, "tbr", update_stats=True, momentum=c.tbr_momentum)
+            if c.adapt_foundation:
+                loss = weighted_entropy_loss(self.foundation(x_new), self.e_max)
+                _sgd(self._f_params, loss, ks.foundation.momentum, c.foundation_lr, c.momentum)
+            else:
+                with torch.no_grad():
+                    self.foundation(x_new)
+            n_replay = c.replay_ratio * len(new) if len(ks.replay) >= c.replay_min else 0
+            x = torch.cat([x_new, self._to_input(self._sample_replay(ks, n_replay))]) if n_replay else x_new
+        else:
+            x = self._to_input(self._sample_replay(ks, c.replay_only_multiple * c.batch_size))
+            ks.replay_only_steps += 1
+        # Step 2: distil into the edge copy (foundation statistics frozen, edge statistics move).
+        set_norm_mode(self.foundation, "tbr", update_stats=False)
+        with torch.no_grad():
+            teacher = self.foundation(x)
+        set_norm_mode(self.edge, "tbr", update_stats=True, momentum=c.tbr_momentum)
+        terms = distillation_loss(self.edge(x), teacher, self.e_max, c.alpha, c.beta, c.gamma, c.temperature)
+        _sgd(self._e_params, terms.total, ks.edge.momentum, c.edge_lr, c.momentum)
+        _read_back(self.foundation, self._f_params, ks.foundation)
+        _read_back(self.edge, self._e_params, ks.edge)
+        ks.steps += 1
+        ks.version += 1
+
+
+def _num_classes(model: nn.Module, image_shape, device) -> int:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    h, w, ch = image_shape
+    set_norm_mode(model, "source")
+    with torch.no_grad():
+        return int(model(torch.zeros(2, ch, h, w, device=device)).shape[-1])
+
+
+def _load(model: nn.Module, params: dict[str, nn.Parameter], state: ModelState) -> None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state.affine[k])
+    load_tbr_stats(model, state.stats)
+
+
+def _read_back(model: nn.Module, params: dict[str, nn.Parameter], state: ModelState) -> None:
+    state.affine = {k: p.detach().clone() for k, p in params.items()}
+    state.stats = read_tbr_stats(model)
+
+
+def _sgd(params: dict[str, nn.Parameter], loss: torch.Tensor, momentum_buffers: dict, lr: float,
+         momentum: float) -> None:
+    names = list(params)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    sgd_momentum_step(params, dict(zip(names, grads)), momentum_buffers, lr, momentum)
