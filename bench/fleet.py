@@ -1,10 +1,14 @@
 """Fleet benchmark: 64 / 256 / 1024 simulated devices on this machine, side by side with a
 single-process loop (no Ray) doing the same edge forwards and filtering.
 
-Per fleet size: fleet inference samples/s, adapter updates/s, upload->applied latency (p50/p99),
-memory (total RSS of the Ray worker processes; bytes of per-device state) and the ratio of fleet
-throughput to the single-process loop on the same number of cores as the device hosts.
-Writes bench/results/fleet.{json,md}.
+Per fleet size, three runs back to back:
+1. the full CEMA fleet (device hosts + cloud adapter): fleet inference samples/s, adapter
+   updates/s, upload->applied latency (p50/p99), resident memory of the hosts and the adapter;
+2. the same fleet with uploads off (hosts only, one per CPU): the edge side alone;
+3. the single-process loop over the same devices and batches with as many torch threads as run 2
+   has hosts. Ratio = run 2 / run 3 (the cost of Ray around the same edge work on the same cores).
+Memory per device is the growth of the hosts' resident memory from the smallest to the largest
+fleet per added device, and the size of a device's checkpointed state. Writes bench/results/fleet.{json,md}.
 
     TDMR_DATA=../shared/data TDMR_WEIGHTS=../shared/weights/cifar10-resnet python bench/fleet.py
 """
@@ -20,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
@@ -31,19 +34,6 @@ from tdmr_ray.models import create_model  # noqa: E402
 from tdmr_ray.runtime import JobRun  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def ray_rss_bytes() -> int:
-    """Resident memory of every Ray worker process (actors, tasks) and of Ray's own daemons."""
-    total = 0
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd or "default_worker.py" in cmd:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-    return total
 
 
 def single_process_loop(devices: int, batches: int, batch_size: int, pool, threads: int, method: str) -> dict:
@@ -62,28 +52,16 @@ def single_process_loop(devices: int, batches: int, batch_size: int, pool, threa
     return {"samples_per_s": round(devices * batches * batch_size / seconds, 1), "seconds": round(seconds, 2)}
 
 
-def run_size(devices: int, batches: int, args, tmp: Path) -> dict:
+def run_size(devices: int, batches: int, args, tmp: Path, uploads: bool = True, hosts: int = 0) -> dict:
+    tag = f"{devices}-{'full' if uploads else 'edge'}"
     cfg = FleetConfig(devices=devices, batches_per_device=batches, pool_size=args.pool_size, method=args.method,
-                      corruptions=args.corruptions, output_dir=str(tmp / f"fleet-{devices}"),
-                      storage=str(tmp / "store"), run_name=f"bench{devices}", plot=False,
+                      corruptions=args.corruptions, output_dir=str(tmp / f"fleet-{tag}"),
+                      storage=str(tmp / "store"), run_name=f"bench{tag}", plot=False, uploads=uploads, hosts=hosts,
                       checkpoint_every_s=args.checkpoint_every_s)
     run = JobRun("bench-fleet", cfg)
-    sampler = {"peak": 0}
-    import threading
-
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            sampler["peak"] = max(sampler["peak"], ray_rss_bytes())
-            time.sleep(0.5)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     metrics, _ = run_fleet(cfg, run)
-    stop.set()
-    thread.join()
-    state_bytes = per_device_state_bytes(Path(cfg.output_dir), devices)
+    rss = metrics["hosts_rss_bytes"] + metrics.get("adapter", {}).get("rss_bytes", 0)
+    state_bytes = per_device_state_bytes(Path(metrics["run_store"]), devices)
     return {"devices": devices, "batches_per_device": batches, "samples": metrics["samples"],
             "fleet_samples_per_s": metrics["samples_per_s"], "accuracy": metrics["accuracy"],
             "upload_fraction": metrics["upload_fraction"],
@@ -91,8 +69,8 @@ def run_size(devices: int, batches: int, args, tmp: Path) -> dict:
             "apply_latency_p50_s": metrics["apply_latency_s"]["p50"],
             "apply_latency_p99_s": metrics["apply_latency_s"]["p99"],
             "dropped_busy": metrics["host"]["busy"], "acked": metrics["host"]["acked"],
-            "ray_rss_peak_gib": round(sampler["peak"] / 2**30, 2),
-            "rss_per_device_mib": round(sampler["peak"] / devices / 2**20, 2),
+            "hosts": len(list((Path(metrics["run_store"]) / "hosts").glob("host-*.safetensors"))),
+            "hosts_rss_bytes": metrics["hosts_rss_bytes"], "fleet_rss_gib": round(rss / 2**30, 2),
             "device_state_kib": round(state_bytes / 1024, 1)}
 
 
@@ -104,7 +82,7 @@ def per_device_state_bytes(run_dir: Path, devices: int) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
-    p.add_argument("--samples-per-size", type=int, default=32768, help="edge samples per fleet size")
+    p.add_argument("--batches-per-device", type=int, default=2)
     p.add_argument("--pool-size", type=int, default=1000)
     p.add_argument("--corruptions", nargs="+", default=["gaussian_noise", "defocus_blur", "fog"])
     p.add_argument("--method", default="cema")
@@ -113,29 +91,37 @@ def main(argv=None):
     args = p.parse_args(argv)
     ray.init(include_dashboard=False, log_to_driver=False)
     cpus = int(ray.cluster_resources()["CPU"])
-    host_cpus = max(1, cpus - 1)  # the adapter takes one
     pool = build_pool("cifar10-jpeg", args.corruptions[0], 5, args.pool_size, 0)
     rows = []
+    batches = args.batches_per_device
     with tempfile.TemporaryDirectory() as tmp:
         for devices in args.sizes:
-            batches = max(1, args.samples_per_size // (devices * 64))
             row = run_size(devices, batches, args, Path(tmp))
-            base = single_process_loop(devices, batches, 64, pool, host_cpus, args.method)
+            edge = run_size(devices, batches, args, Path(tmp), uploads=False, hosts=cpus)
+            base = single_process_loop(devices, batches, 64, pool, edge["hosts"], args.method)
+            row["edge_only_fleet_samples_per_s"] = edge["fleet_samples_per_s"]
+            row["edge_only_hosts"] = edge["hosts"]
             row["single_process_samples_per_s"] = base["samples_per_s"]
-            row["ratio_fleet_to_single_process"] = round(row["fleet_samples_per_s"] / base["samples_per_s"], 3)
+            row["ratio_fleet_to_single_process"] = round(edge["fleet_samples_per_s"] / base["samples_per_s"], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
     ray.shutdown()
-    result = {"machine": {"cpus": cpus, "host_cpus": host_cpus}, "method": args.method, "rows": rows,
+    if len(rows) > 1:
+        growth = (rows[-1]["hosts_rss_bytes"] - rows[0]["hosts_rss_bytes"]) / (rows[-1]["devices"] - rows[0]["devices"])
+        for r in rows:
+            r["rss_per_added_device_kib"] = round(growth / 1024, 1)
+    result = {"machine": {"cpus": cpus}, "method": args.method, "batches_per_device": batches, "rows": rows,
               "command": "python bench/fleet.py " + " ".join(argv or sys.argv[1:])}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "fleet.json").write_text(json.dumps(result, indent=1))
-    cols = ["devices", "samples", "fleet_samples_per_s", "single_process_samples_per_s",
-            "ratio_fleet_to_single_process", "adapter_updates_per_s", "apply_latency_p50_s", "apply_latency_p99_s",
-            "ray_rss_peak_gib", "rss_per_device_mib", "device_state_kib", "upload_fraction", "dropped_busy"]
-    lines = [f"Fleet benchmark ({cpus} CPUs; hosts use {host_cpus}, the adapter 1; method {args.method}). "
-             f"Command: `{result['command']}`", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    cols = ["devices", "samples", "fleet_samples_per_s", "edge_only_fleet_samples_per_s", "edge_only_hosts",
+            "single_process_samples_per_s", "ratio_fleet_to_single_process", "adapter_updates_per_s",
+            "apply_latency_p50_s", "apply_latency_p99_s", "fleet_rss_gib", "rss_per_added_device_kib",
+            "device_state_kib", "upload_fraction", "dropped_busy"]
+    lines = [f"Fleet benchmark ({cpus} CPUs; full fleet: hosts + 1-CPU adapter; method {args.method}; "
+             f"{batches} batches of 64 per device). Command: `{result['command']}`", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     (args.out_dir / "fleet.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -114,7 +114,9 @@ class CloudAdapterActor:
         return {"status": "ok", "seq": seq}
 
     def stats(self) -> dict:
-        return {**self.counters, "queued_samples": self.queued_samples, "seq": self.seq,
+        from .host import _rss_bytes
+
+        return {**self.counters, "queued_samples": self.queued_samples, "seq": self.seq, "rss_bytes": _rss_bytes(),
                 "processed_through": self.processed_through, "rejection_examples": self.rejections[:5],
                 "publish_latency_s": list(self.latencies)}
 

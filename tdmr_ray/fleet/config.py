@@ -22,6 +22,7 @@ class FleetConfig(CommonConfig):
     foundation: str = "resnet56"
     method: str = "cema"  # a tdmr_ray.cema.METHODS name (none, bn_adapt, upload_all, eata_filter, cema, ...)
     key_by: str = "group"  # adaptation state per "group" (devices sharing a corruption) or per "device"
+    uploads: bool = True  # False: devices filter but send nothing and no adapter runs (measures the edge alone)
     max_in_flight: int = 64  # per host: unacknowledged uploads; more are dropped (edge never waits)
     # Samples the adapter holds unprocessed; more are refused ("busy"). It bounds the upload->applied
     # latency (queue / adapter throughput) at the price of dropped uploads when the cloud is slow.

@@ -13,6 +13,7 @@ restarted host (Ray restarts the actor and retries the round) resumes from there
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 import ray
@@ -91,7 +92,7 @@ class DeviceHost:
         self.correct[d] += int((result.predictions.numpy() == labels[idx]).sum())
         self.position[d] = b + 1
         upload = result.upload
-        if upload is None or not len(upload):
+        if upload is None or not len(upload) or self.adapter is None:
             return
         if len(self.in_flight) >= self.cfg.max_in_flight:
             self._collect(block=False)
@@ -141,6 +142,7 @@ class DeviceHost:
         self._checkpoint()
         return {"host": self.index, "counters": dict(self.counters), "latencies": list(self.latencies),
                 "restored": self.restored, "node": ray.get_runtime_context().get_node_id(),
+                "rss_bytes": _rss_bytes(),
                 "devices": {d: {"group": self.group[d], "seen": self.state[d].accounting.seen,
                                 "correct": self.correct[d], "version": self.state[d].version,
                                 "accounting": self.state[d].accounting.as_dict()} for d in self.devices}}
@@ -181,3 +183,12 @@ class DeviceHost:
             if self.state[d].device_id != d:
                 raise ValueError(f"{self.ckpt}: device {i} is {self.state[d].device_id}, expected {d}")
         return True
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux), for the benchmark's memory per device."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0

@@ -56,7 +56,7 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
     base_ref = cfg.edge if "@" in cfg.edge else registry.publish_model(
         f"{cfg.run_name}-edge", resolve_model(cfg.edge), extra={"source": cfg.edge, "classes": classes}).ref
     cfg.edge = base_ref  # every actor loads the same registered version
-    uploads = METHODS[cfg.method].uploads
+    uploads = METHODS[cfg.method].uploads and cfg.uploads
     run_uri = fleet_run_uri(cfg, run)
     with run.phase("pools"):
         build = ray.remote(num_cpus=1)(build_pool)
@@ -130,6 +130,7 @@ def summarize(cfg: FleetConfig, finals: list[dict], adapter: dict, stream_s: flo
         "samples_per_s": round(seen / stream_s, 1), "stream_seconds": round(stream_s, 2),
         "host": counters, "hosts_restored": sum(bool(f["restored"]) for f in finals),
         "host_nodes": len({f["node"] for f in finals}),
+        "hosts_rss_bytes": sum(f.get("rss_bytes", 0) for f in finals),
         "devices_on_newest_version": sum(v["version"] > 0 for v in devices.values()),
         "apply_latency_s": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "n": len(latencies)},
         "series": series,
