@@ -4,15 +4,16 @@ Edge ResNet-20, foundation ResNet-56 (pretrained, from $TDMR_WEIGHTS), stream = 
 test set under CIFAR-10-C corruptions at severity 5, edge batch 64. Modes: ``reset`` (fresh model
 per corruption, the reference protocol), ``continual`` (corruptions back to back), ``label``
 (per corruption, classes arrive in Dirichlet(0.1) bursts). One table per mode: per method, mean
-online accuracy over corruptions, upload fraction, MB up (uint8 images) and MB down (float32
-parameter sets).
+online accuracy over corruptions, upload fraction, MB up (uint8 images) and MB down (parameter
+sets: float32 affine parameters plus, with the default edge.stats_source "cloud", TBR statistics).
 
     python bench/cema_algorithm.py --preset quick     # 3 corruptions x 2,000 images
     python bench/cema_algorithm.py --preset full      # 15 corruptions x 10,000 images
 
-Presets: quick takes about 10 minutes with 2 workers on 2 shared CPU cores (its run time is in
-the JSON); full runs 25x the images, about 4-5 hours on the same machine (scale the quick run's
-``seconds`` by 25; upload_all dominates). Results: bench/results/cema_algorithm_<preset>.{json,md}.
+Cost: the quick preset spends about 12 CPU-minutes (upload_all nearly half), so about 6-7
+minutes with 2 workers on 2 idle cores (26 minutes on our shared, oversubscribed machine; the
+JSON records wall and CPU time). The full preset runs 25x the images: about 300 CPU-minutes,
+2.5 hours with 2 workers on 2 idle cores. Results: bench/results/cema_algorithm_<preset>.{json,md}.
 """
 from __future__ import annotations
 
@@ -109,8 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--redundancy-margin", type=float, default=None,
                    help="default: redundancy_margin_for(10) = 0.4 (0.05 is the 1,000-class reference)")
     p.add_argument("--stats-source", choices=["cloud", "local"], default=None,
-                   help="where the edge's TBR statistics come from (default: EdgeConfig's, local; "
-                        "cloud: the reference's behaviour)")
+                   help="where the edge's TBR statistics come from (default: EdgeConfig's, cloud, "
+                        "the reference's behaviour; local: the edge's own EMA)")
     p.add_argument("--dirichlet-alpha", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")

@@ -85,18 +85,17 @@ class EdgeConfig:
     norm: str = "tbr"
     tbr_momentum: float = 0.1  # BatchNorm's default momentum, as in the reference's TBR layers
     mix_weight: float = 0.5  # batch share in "mix" mode (reference bn_adapt.conf momentum 0.5)
-    # Where the edge's TBR statistics come from (methods that upload). The reference simulates
-    # the edge with the cloud's own edge model, so its edge runs the cloud copy's statistics
-    # (moved on uploaded and replayed samples). "local" (default, a departure): the edge moves
-    # its statistics itself by EMA over every batch it infers (forward only) and updates carry
-    # affine parameters only. "cloud" (the reference's behaviour): updates also carry the cloud
-    # copy's statistics, about twice the bytes down, and the edge keeps its first batch's
-    # statistics until the first update. Measured on the quick benchmark, "cloud" is about as
-    # accurate with a reset per corruption but collapses in the continual stream: after a shift
-    # the edge's stale statistics make most samples unreliable, few are uploaded, and the
-    # cloud's statistics (pulled back by replayed old-domain samples) never catch up.
-    # Methods without a cloud ("tbr_stats") always use "local".
-    stats_source: str = "local"
+    # Where the edge's TBR statistics come from (methods that upload). "cloud" (default, the
+    # reference's behaviour: its edge is a copy of the cloud's edge model, statistics included):
+    # updates carry the cloud copy's statistics (moved on uploaded and replayed samples) with the
+    # affine parameters, about twice the bytes down, and until the first update the edge keeps
+    # the statistics of its first batch. "local" (a departure, as an option): the edge moves its
+    # statistics itself by EMA over every batch it infers (forward only) and updates carry
+    # affine parameters only. On the quick benchmark "cloud" is ahead in every mode (mean
+    # accuracy, CEMA: reset 61.2 vs 60.5, label-correlated 60.1 vs 56.3), as the affine
+    # parameters are distilled under exactly these statistics. Methods without a cloud
+    # ("tbr_stats") always use "local".
+    stats_source: str = "cloud"
 
 
 @dataclass
