@@ -11,7 +11,12 @@ version counter. Per uploaded batch of ``cloud.batch_size`` (reference ``cema.py
    (frozen statistics) on the new batch plus ``replay_ratio`` x its size from the replay buffer
    once it holds ``replay_min`` samples; a ``process`` call that completes no batch distils on
    ``replay_only_multiple`` x batch_size replayed samples (once the buffer exceeds replay_min);
-3. emit the edge copy's affine parameters as a new version.
+3. emit the edge copy's affine parameters (and, with ``edge.stats_source="cloud"``, its TBR
+   statistics) as a new version.
+
+Departure: the reference simulates edge and cloud copy as one model object, so the copy's TBR
+statistics start from the edge's first batch; here each side starts from its own first batch
+(the edge's 64 samples, the cloud's first 32 uploads), since only messages connect them.
 """
 from __future__ import annotations
 
