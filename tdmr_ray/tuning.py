@@ -70,14 +70,15 @@ def cema_trial(config: dict) -> None:
     import torch
     from ray import tune
 
-    from .cema import CEMAConfig, run_stream
+    from .cema import run_stream
+    from .fleet.config import fleet_cema_config
     from .cema.streams import build_runs
     from .data import load_dataset
     from .models import create_model
 
     sweep = config["_sweep"]
     overrides = {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg = apply_overrides(CEMAConfig(), {**sweep["job_overrides"], **overrides}, "trial")
+    cfg = apply_overrides(fleet_cema_config(), {**sweep["job_overrides"], **overrides}, "trial")
     torch.set_num_threads(1)
     runs = build_runs(load_dataset("cifar10-jpeg", "test"), sweep["corruptions"], sweep["severity"], "reset",
                       n_per_corruption=sweep["n_per_corruption"], seed=sweep["seed"])

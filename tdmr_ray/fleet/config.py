@@ -3,8 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..cema.config import CEMAConfig
+from ..cema.config import CEMAConfig, EdgeConfig, FilterConfig, redundancy_margin_for
 from ..runtime import CommonConfig
+
+
+def fleet_cema_config() -> CEMAConfig:
+    """CEMA's settings for the fleet. Two departures from the algorithm's defaults, both because a
+    fleet ships parameter sets through the registry to devices that adapt on their own streams:
+    the edge moves its own test-batch statistics (``stats_source="local"``; updates carry affine
+    parameters only, which is also what Serve applies), and the redundancy margin fits 10 classes
+    (the reference's 0.05 is for 1,000 classes and would drop nearly every sample here)."""
+    return CEMAConfig(edge=EdgeConfig(stats_source="local"),
+                      filter=FilterConfig(redundancy_margin=redundancy_margin_for(10)))
 
 
 @dataclass
@@ -32,7 +42,7 @@ class FleetConfig(CommonConfig):
     checkpoint_every_s: float = 20.0  # adapter state -> registry; uploads in between are in the WAL
     round_batches: int = 1  # batches per device between two progress lines / host checkpoints
     plot: bool = True
-    cema: CEMAConfig = field(default_factory=CEMAConfig)
+    cema: CEMAConfig = field(default_factory=fleet_cema_config)
 
 
 FLEET_PRESETS = {
