@@ -18,5 +18,8 @@ echo "[setup] installing tdmr-ray[test] ..."
 # The constraint keeps pip from swapping torch while resolving the other dependencies.
 printf '%s\n' "${TORCH_PINS[@]}" > .venv/torch-constraints.txt
 .venv/bin/python -m pip install -q -c .venv/torch-constraints.txt -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+# The frost corruption reads the reference's frost textures, shipped as files in the imagecorruptions
+# package; --no-deps because its code (and OpenCV) is never used.
+.venv/bin/python -m pip install -q --no-deps "imagecorruptions==1.1.2" 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c "import torch, torchvision, ray, timm, tdmr_ray; print('[setup] torch', torch.__version__, 'ray', ray.__version__)"
 echo "$want" > "$stamp"
