@@ -35,6 +35,8 @@ class SweepConfig(CommonConfig):
     corruptions: list[str] = None  # type: ignore[assignment]
     n_per_corruption: int = 1000
     severity: int = 5
+    # GDFQ/TDMR trials: validation images (training data, never test) behind each report's "accuracy"
+    val_images: int = 512
 
     def __post_init__(self):
         if self.corruptions is None:
@@ -104,6 +106,7 @@ def _train_job_trial(job: str):
         overrides = {k: v for k, v in config.items() if not k.startswith("_")}
         cfg = apply_overrides(module.job_config(sweep["preset"]), {**sweep["job_overrides"], **overrides}, "trial")
         cfg.storage, cfg.num_workers, cfg.publish = sweep["storage"], 1, False
+        cfg.val_images = cfg.val_images or sweep["val_images"]
         module.train(cfg, callbacks=[TuneReportCallback()], run_name=f"tune-{job}-{_trial_id()}")
 
     return trial
@@ -127,7 +130,7 @@ def run_sweep(cfg: SweepConfig, output_dir: Path, job_overrides: dict) -> dict:
     space = search_space(cfg.job)
     space["_sweep"] = {"corruptions": list(cfg.corruptions), "severity": cfg.severity, "seed": cfg.seed,
                        "n_per_corruption": cfg.n_per_corruption, "job_overrides": job_overrides,
-                       "preset": cfg.preset, "storage": cfg.storage}
+                       "preset": cfg.preset, "storage": cfg.storage, "val_images": cfg.val_images}
     trainable = tune.with_resources(TRIALS[cfg.job], {"CPU": cfg.cpus_per_trial})
     tuner = tune.Tuner(
         trainable, param_space=space,

@@ -32,6 +32,9 @@ class GDFQJobConfig(CommonConfig):
     publish: bool = True
     registry_name: str = ""  # default <model>-w<w>a<a>
     eval_limit: int = 0  # JPEG test images for the final evaluation (0: all 10,000)
+    # Per-epoch "accuracy" on this many clean CIFAR-10 *training* images (0: off); sweeps rank
+    # trials by it, never by test data.
+    val_images: int = 0
     gdfq: GDFQConfig = field(default_factory=GDFQConfig)
 
 
@@ -59,7 +62,7 @@ def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train.torch
 
-    from ..train_utils import report, restore_state, worker_nodes, worker_setup
+    from ..train_utils import report, restore_state, unwrap, worker_nodes, worker_setup
     from .train import make_state, train_epoch
 
     cfg: GDFQJobConfig = config["cfg"]
@@ -73,8 +76,17 @@ def train_loop(config: dict) -> None:
         # Activation ranges are averaged over ranks after each calibrating epoch (train_epoch), so
         # DDP must not overwrite them with rank 0's buffers on every forward.
         state.qmodel = ray.train.torch.prepare_model(state.qmodel, parallel_strategy_kwargs={"broadcast_buffers": False})
+    val = None
+    if cfg.val_images:
+        from ..data import load_dataset
+
+        val = load_dataset("cifar10-clean-subset", "train").sample(cfg.val_images, cfg.seed)
     while state.epoch < state.cfg.epochs:
-        metrics = train_epoch(state)
+        metrics = train_epoch(state)  # ends with the activation ranges frozen: evaluation won't move them
+        if val is not None:
+            from ..evaluation import accuracy
+
+            metrics["accuracy"] = accuracy(unwrap(state.qmodel), val) / 100
         report({**metrics, "epoch": state.epoch, "world_size": world, "worker_nodes": nodes,
                 "images_per_s": world * state.cfg.iters_per_epoch * state.cfg.batch_size / metrics["seconds"]},
                state=state.state_dict())

@@ -39,6 +39,10 @@ class TDMRJobConfig(CommonConfig):
     publish: bool = True
     registry_name: str = ""  # default <target>-tdmr-<data name>
     eval_limit: int = 0  # test images for the final evaluation (0: all)
+    # Per-report "accuracy" (teacher in phase 1, target in phase 2) on this many training images
+    # outside the labelled set, with their held-back labels (0: off). Sweeps rank trials by it;
+    # the test split is never used for that.
+    val_images: int = 0
     tdmr: TDMRConfig = field(default_factory=TDMRConfig)
 
 
@@ -98,12 +102,13 @@ def train_loop(config: dict) -> None:
     from ..train_utils import report, restore_state, unwrap, worker_nodes, worker_setup
     from .data import DownstreamBatches
     from .distill import alpha_at
-    from .steps import distill_step, make_optimizer, reprogram_step, run_phase, teacher_param_groups
+    from .steps import distill_step, evaluate, make_optimizer, reprogram_step, run_phase, teacher_param_groups
 
     cfg: TDMRJobConfig = config["cfg"]
     device, rank, world = worker_setup(cfg.seed)
     nodes = worker_nodes()
     labelled, unlabelled, _ = load_task(cfg)
+    val = unlabelled.sample(cfg.val_images, cfg.seed + 1) if cfg.val_images else None
     mcfg, teacher, student = build(cfg, labelled, device)
     tc, dc, aug = mcfg.teacher, mcfg.distill, mcfg.augment
     saved = restore_state() or {"phase": "teacher", "step": 0}
@@ -132,6 +137,8 @@ def train_loop(config: dict) -> None:
             history.append({"phase": "teacher", "step": step, **metrics})
             state = checkpoint({"phase": "teacher" if step < tc.steps else "distill", "step": step % tc.steps,
                                 "teacher_opt": opt.state_dict(), "teacher_sched": sched.state_dict()})
+            if val is not None:
+                metrics["accuracy"] = evaluate(teacher, val)["acc"]
             report({"phase": "teacher", "step": step, **metrics, "world_size": world, "worker_nodes": nodes}, state)
 
         run_phase(lambda s: reprogram_step(teacher, *batches.batch(s), opt, sched, tc.optim.grad_clip),
@@ -162,6 +169,8 @@ def train_loop(config: dict) -> None:
             state = checkpoint({"phase": "distill" if s < dc.steps else "done", "step": s,
                                 "student": unwrap(model).state_dict(), "student_opt": opt.state_dict(),
                                 "student_sched": sched.state_dict()})
+            if val is not None:
+                metrics["accuracy"] = evaluate(unwrap(model).target, val)["acc"]
             report({"phase": "distill", "step": s, **metrics, "world_size": world, "worker_nodes": nodes}, state)
 
         run_phase(step, dc.steps, start_step=start, log_every=cfg.report_every, log=log_distill)
