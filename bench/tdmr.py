@@ -151,8 +151,9 @@ def markdown(result: dict) -> str:
     lines = [f"# TDMR bench ({result['preset']}): foundation {result['foundation']}, target {result['target']}",
              "", "Target top-1 (%) of the final model on the JPEG test set"
              f"{' subset' if result['rows'] and result['rows'][0]['test_images'] < 10000 else ''}; "
-             "teacher = the foundation-based teacher the target learnt from; compute = training only "
-             "(FLOPs estimate: forward + backward, see tdmr_ray.tdmr.compute).", "",
+             "teacher = the foundation-based teacher the target learnt from; compute = training only: "
+             "seconds are wall-clock (on a shared machine they vary with its load), TFLOPs an estimate from "
+             "the images through each model (forward + backward, see tdmr_ray.tdmr.compute).", "",
              "| task | labelled | method | target acc | teacher acc | seconds | TFLOPs | foundation fwd/bwd imgs | target fwd/bwd imgs |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

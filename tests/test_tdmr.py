@@ -69,6 +69,21 @@ def test_teacher_shapes(foundation_name, prompt, hwc):
     assert torch.isfinite(out.logits).all()
 
 
+def test_fixed_size_vit_foundation_trains_its_prompt_from_grayscale_inputs():
+    torch.manual_seed(0)
+    foundation = create_model("vit_tiny_patch16_224", num_classes=1000)  # fixed 224x224 patch grid
+    teacher = build_teacher(foundation, in_chans=1, num_classes=3, cfg=TeacherConfig(prompt="pad", pad_width=16))
+    seen = capture_input(foundation)
+    opt, _ = make_optimizer(teacher_param_groups(teacher, TeacherConfig()), TeacherConfig().optim, 1)
+    prompt = teacher.transform.prompt.clone()
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([0, 2])
+    reprogram_step(teacher, x, y, opt)
+    assert seen["shape"] == (2, 3, 224, 224)
+    assert not torch.equal(prompt, teacher.transform.prompt)  # gradients reach the prompt through the ViT
+    assert teacher.transform.channel_map.weight.grad is not None
+    assert all(p.grad is None for p in foundation.parameters())
+
+
 def test_pad_prompt_frames_the_resized_image_and_only_the_frame_learns():
     t = InputTransform(in_chans=3, out_chans=3, input_size=16, prompt="pad", pad_width=3,
                        mean=torch.tensor([0.1, 0.2, 0.3]))
@@ -303,6 +318,10 @@ def test_compute_meter_counts_flops():
     assert m.flops() == 100 * 3 + 100 * 2 * 2 + 100 * 1
     lin = torch.nn.Linear(8, 4, bias=False)
     assert forward_flops(lin, torch.rand(5, 8)) == 2 * 8 * 4
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4)).train()
+    stats = net[1].running_mean.clone()
+    assert forward_flops(net, torch.rand(3, 3, 6, 6)) == 2 * (4 * 4) * 4 * 27  # 4x4 outputs, 4 ch, 3*3*3 MACs
+    assert net.training and net[1].training and torch.equal(net[1].running_mean, stats)
 
 
 def test_run_method_end_to_end_on_grayscale_data():
@@ -325,3 +344,24 @@ def test_run_method_end_to_end_on_grayscale_data():
     assert tdmr["backward_images"]["foundation"] == {"inputs": 16}
     assert tdmr["backward_images"]["target"] == {"weights": 24}
     assert "inputs" not in results["lp-kd"]["compute"]["backward_images"].get("foundation", {})
+
+
+def test_bench_config_overrides_and_tasks():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "tdmr.py"
+    spec = importlib.util.spec_from_file_location("bench_tdmr", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.build_config(bench.PRESETS["quick"], ["teacher.prompt=pad", "distill.schedule.end=0.5"], seed=3)
+    assert cfg.teacher.prompt == "pad" and cfg.distill.schedule.end == 0.5 and cfg.seed == 3
+    assert cfg.distill.steps == bench.PRESETS["quick"]["distill"]["steps"]
+    with pytest.raises(SystemExit, match="distill.nope"):
+        bench.build_config(bench.PRESETS["quick"], ["distill.nope=1"], seed=0)
+    y = np.repeat(np.arange(10), 30)
+    train = ImageSet(np.zeros((300, 4, 4, 3), np.uint8), y)
+    test = ImageSet(np.zeros((100, 4, 4, 3), np.uint8), np.repeat(np.arange(10), 10))
+    lab, unl, sub = bench.make_task("cifar10-5@10%", train, test, seed=0, eval_images=50)
+    assert lab.num_classes == 5 and np.bincount(lab.y).tolist() == [6] * 5
+    assert len(lab) + len(unl) == 300 and len(sub) == 50 and np.bincount(sub.y).tolist() == [10] * 5

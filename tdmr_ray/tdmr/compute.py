@@ -19,11 +19,20 @@ BACKWARD_FACTOR = {"weights": 2.0, "inputs": 1.0}
 
 @torch.no_grad()
 def forward_flops(fn: Callable[[torch.Tensor], object], example: torch.Tensor) -> int:
-    """FLOPs of ``fn`` on one image shaped like ``example[0]`` (a batch of 2 keeps BatchNorm happy)."""
-    batch = example[:1].expand(2, *example.shape[1:]).clone()
-    with FlopCounterMode(display=False) as counter:
-        fn(batch)
-    return counter.get_total_flops() // 2
+    """FLOPs of ``fn`` on one image shaped like ``example[0]``.
+
+    A module is counted in eval mode (so BatchNorm running statistics are not touched) and put back.
+    """
+    modes = [(m, m.training) for m in fn.modules()] if isinstance(fn, torch.nn.Module) else []
+    for m, _ in modes:
+        m.train(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn(example[:1])
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return counter.get_total_flops()
 
 
 class ComputeMeter:

@@ -92,6 +92,7 @@ def run_method(method: str, make_foundation: Callable[[], NormalizedModel],
         result["teacher_seconds"] = time.monotonic() - t0
         result["teacher_acc"] = evaluate(teacher, test, mcfg.eval_batch_size, eval_max_images)["acc"]
     t1 = time.monotonic()
+    torch.manual_seed(mcfg.seed)  # the same initial target for every method
     student = train_target(make_target(labelled.num_classes, labelled.x.shape[-1]).to(device), teacher, labelled,
                            unlabelled, mcfg, meter, log)
     result["distill_seconds"] = time.monotonic() - t1
