@@ -16,18 +16,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from tdmr_ray.gdfq.job import PRESETS, GDFQJobConfig, evaluate, final_model, gdfq_config, train  # noqa: E402
-from tdmr_ray.runtime import fail, init_ray, start_job  # noqa: E402
+from tdmr_ray.runtime import run_training, start_job  # noqa: E402
 
 
 def main(argv=None) -> dict:
     # gdfq_config validates bit widths and the schedule before any worker starts.
     cfg, run = start_job("gdfq", GDFQJobConfig, argv, PRESETS, __doc__, validate=gdfq_config)
     cfg.run_name = cfg.run_name or f"gdfq-{run.output_dir.name}"
-    init_ray()
-    with run.phase("train"):
-        result = train(cfg)
-    if result.error:
-        fail(f"training failed: {result.error}")
+    result = run_training(run, train, cfg)
     with run.phase("evaluate"):
         from tdmr_ray.runtime import resolve_model
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from tdmr_ray.runtime import fail, init_ray, start_job  # noqa: E402
+from tdmr_ray.runtime import fail, run_training, start_job  # noqa: E402
 from tdmr_ray.tdmr.job import PRESETS, TDMRJobConfig, check, final_models, load_task, train  # noqa: E402
 
 
@@ -32,11 +32,7 @@ def main(argv=None) -> dict:
             fail(str(exc))
     print(f"[tdmr] task: {labelled.num_classes} classes, {len(labelled)} labelled, {len(unlabelled)} unlabelled, "
           f"{len(test)} test images of {labelled.x.shape[1:]}", flush=True)
-    init_ray()
-    with run.phase("train"):
-        result = train(cfg)
-    if result.error:
-        fail(f"training failed: {result.error}")
+    result = run_training(run, train, cfg)
     with run.phase("evaluate"):
         from tdmr_ray.evaluation import accuracy
 

@@ -115,3 +115,14 @@ def start_job(job: str, cls, argv, presets: dict, description: str, validate=Non
     except (ConfigError, ValueError, OSError) as exc:
         fail(str(exc))
     return cfg, JobRun(job, cfg)
+
+
+def run_training(run: JobRun, train, cfg):
+    """Start Ray, fit a Train job (``train(cfg)``) as the run's "train" phase; a failed run exits
+    with its error. Returns the Ray Train Result."""
+    init_ray()
+    with run.phase("train"):
+        result = train(cfg)
+    if result.error:
+        fail(f"training failed: {result.error}")
+    return result
