@@ -26,10 +26,19 @@ def main(argv=None) -> dict:
         metrics, prefix = run_fleet(cfg, run)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    headline = {"devices": metrics["devices"], "samples": metrics["samples"],
+    headline = {"run id": metrics["run_id"], "devices": metrics["devices"], "samples": metrics["samples"],
                 "edge accuracy": f"{100 * metrics['accuracy']:.2f}%",
                 "upload fraction": f"{100 * metrics['upload_fraction']:.2f}%",
                 "fleet samples/s": metrics["samples_per_s"]}
+    lift = metrics["lift"]
+    if lift["lift"] is not None:
+        headline["lift vs control (points, 95% CI)"] = (
+            f"{100 * lift['lift']:+.2f} [{100 * lift['ci95'][0]:+.2f}, {100 * lift['ci95'][1]:+.2f}] "
+            f"({lift['treatment_devices']} treatment / {lift['control_devices']} control devices)")
+    host = metrics["host"]
+    if host.get("sent"):
+        headline["refused or dropped uploads"] = (
+            f"{100 * (host['busy'] + host['dropped_in_flight']) / max(host['sent'] + host['dropped_in_flight'], 1):.1f}%")
     if "adapter" in metrics:
         headline["adapter updates/s"] = metrics["adapter_updates_per_s"]
         headline["upload->applied latency p50/p99 (s)"] = \

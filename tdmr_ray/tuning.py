@@ -84,7 +84,7 @@ def cema_trial(config: dict) -> None:
     torch.set_num_threads(1)
     runs = build_runs(load_dataset("cifar10-jpeg", "test"), sweep["corruptions"], sweep["severity"], "reset",
                       n_per_corruption=sweep["n_per_corruption"], seed=sweep["seed"])
-    edge, foundation = create_model("resnet20", pretrained=True), create_model("resnet56", pretrained=True)
+    edge, foundation = create_model("resnet20", pretrained=True), create_model("resnet56_augmix", pretrained=True)
     accs, seen, uploaded = [], 0, 0
     for run in runs:
         r = run_stream("cema", edge, foundation, run, cfg)

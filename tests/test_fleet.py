@@ -10,6 +10,7 @@ import pytest
 
 from tdmr_ray.cema import UploadMessage
 from tdmr_ray.fleet import read_uploads
+from tdmr_ray.fleet.streams import device_id, is_control
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -44,7 +45,9 @@ def test_fleet_end_to_end(ray_session, tmp_path):
     summary = run_cema(tmp_path, "e2e")
     m = check_books(summary, tmp_path, "e2e")
     assert m["host"]["acked"] > 0
-    assert m["devices_on_newest_version"] == 12  # every device applied at least one cloud version
+    control = sum(1 for d in range(12) if is_control(device_id(d), 0.1, 0))
+    assert m["devices_on_newest_version"] == 12 - control  # every treatment device applied a cloud version
+    assert m["lift"]["control_devices"] == control
     assert m["adapter"]["published"] > 0 and m["apply_latency_s"]["n"] > 0
     assert set(m["accuracy_by_group"]) == {"gaussian_noise", "fog"}
     assert (tmp_path / "e2e" / "fleet.png").stat().st_size > 0
@@ -139,3 +142,40 @@ def test_bad_fleet_config_is_named(tmp_path):
 
     with pytest.raises(SystemExit):
         cema.main(["--method", "magic", "--output-dir", str(tmp_path / "o"), "--storage", str(tmp_path / "s")])
+
+
+def test_runs_with_one_run_name_are_isolated(ray_session, tmp_path):
+    """A second run with the same run name and storage starts clean: it restores no adapter state
+    and applies no parameters of the first; a run without a cloud applies none at all."""
+    import cema
+
+    def run(out, *extra):
+        return cema.main([*SMALL, "--output-dir", str(tmp_path / out), "--storage", str(tmp_path / "store"),
+                          "--run-name", "iso", *extra])["metrics"]
+
+    first = run("a")
+    assert first["adapter"]["published"] > 0 and first["devices_on_newest_version"] > 0
+    edge_only = run("b", "--method", "tbr_stats")
+    assert edge_only["devices_on_newest_version"] == 0  # the first run's edge-iso-* versions are not applied
+    second = run("c")
+    assert second["run_id"] != first["run_id"] and second["adapter"]["restored_from"] == 0
+    assert second["adapter"]["acked_samples"] == second["adapter"]["processed_samples"]
+    # resuming (as after a driver crash) continues that run: nothing re-run, its adapter state restored
+    resumed = run("e", "--resume", first["run_id"])
+    assert resumed["run_id"] == first["run_id"] and resumed["adapter"]["restored_from"] > 0
+    assert resumed["samples"] == first["samples"] and resumed["hosts_restored"] >= 1
+    with pytest.raises(SystemExit):
+        run("d", "--resume", "iso-no-such-run")
+
+
+def test_lift_is_treatment_minus_control_with_a_welch_interval():
+    from tdmr_ray.fleet.run import lift
+
+    out = lift([0.70, 0.72, 0.74, 0.76], [0.60, 0.62, 0.64])
+    assert out["lift"] == pytest.approx(0.73 - 0.62, abs=1e-4)
+    se = np.sqrt(np.var([0.70, 0.72, 0.74, 0.76], ddof=1) / 4 + np.var([0.60, 0.62, 0.64], ddof=1) / 3)
+    assert out["ci95"] == pytest.approx([0.11 - 1.96 * se, 0.11 + 1.96 * se], abs=1e-4)
+    assert lift([0.7, 0.8], [0.5])["lift"] is None  # one control device: no interval, no claim
+    # seeded control draw: about the fraction, the same devices every time
+    picks = [is_control(device_id(i), 0.1, 0) for i in range(1000)]
+    assert 70 <= sum(picks) <= 130 and picks == [is_control(device_id(i), 0.1, 0) for i in range(1000)]

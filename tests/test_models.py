@@ -75,3 +75,17 @@ def test_set_norm_affine_is_all_or_nothing():
     nan = dict(before, **{key: torch.full_like(before[key], float("nan"))})
     with pytest.raises(ValueError, match="finite"):
         set_norm_affine(model, nan)
+
+
+def test_robust_foundation_is_a_model_name(clean_subset):
+    model = create_model("resnet56_augmix", pretrained=True)
+    assert model.arch["name"] == "resnet56_augmix"
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in create_model("resnet56").parameters())
+    assert abs(accuracy(model, clean_subset) - 92.5) <= 0.7  # ../shared/data/README.md
+
+
+def test_local_only_weights_say_how_to_make_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TDMR_WEIGHTS", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="finetune_augmix"):
+        create_model("resnet56_augmix", pretrained=True)

@@ -28,10 +28,10 @@ from torch import nn
 
 from ..models import get_norm_affine, norm_affine_parameters
 from . import state_io as sio
-from .config import CEMAConfig
+from .config import CEMAConfig, check_config
 from .losses import distillation_loss, weighted_entropy_loss
 from .messages import UpdateMessage, UploadMessage, validate_upload
-from .norm import convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode
+from .norm import check_tbr_stats, convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode
 from .sgd import sgd_momentum_step
 
 
@@ -66,8 +66,12 @@ class KeyState:
     steps: int = 0
     replay_only_steps: int = 0
     samples_received: int = 0
+    shift_resets: int = 0
+    last_reset_step: int = 0
+    # device id -> the newest shift_epoch it uploaded with (ShiftConfig)
+    device_epochs: dict[str, int] = field(default_factory=dict)
 
-    COUNTERS = ("version", "steps", "replay_only_steps", "samples_received")
+    COUNTERS = ("version", "steps", "replay_only_steps", "samples_received", "shift_resets", "last_reset_step")
 
 
 class CloudAdapter:
@@ -81,6 +85,7 @@ class CloudAdapter:
                              f"replay_only_multiple) * batch_size = "
                              f"{max(c.replay_ratio, c.replay_only_multiple) * c.batch_size}: replay draws "
                              "are sampled without replacement")
+        check_config(cfg)
         self.cfg = cfg
         self.device = torch.device(device)
         self.image_shape = tuple(image_shape)
@@ -89,8 +94,11 @@ class CloudAdapter:
         self.num_classes = _num_classes(self.edge, self.image_shape, self.device)
         if _num_classes(self.foundation, self.image_shape, self.device) != self.num_classes:
             raise ValueError("foundation and edge models predict different numbers of classes")
-        self.e_max = cfg.cloud.e_max_frac * math.log(self.num_classes)
+        e_max_frac = cfg.cloud.e_max_frac if cfg.cloud.e_max_frac is not None else cfg.filter.e_max_frac
+        self.e_max = e_max_frac * math.log(self.num_classes)
         self.send_stats = cfg.edge.stats_source == "cloud"
+        self.device_stats = cfg.edge.stats_source == "upload"  # the edge copy runs on the uploader's statistics
+        self._stats_reference = read_tbr_stats(self.edge)  # keys and shapes uploads must match
         self._f_params = norm_affine_parameters(self.foundation)
         self._e_params = norm_affine_parameters(self.edge)
         self._f_init = {k: v.to(self.device) for k, v in get_norm_affine(self.foundation).items()}
@@ -103,6 +111,8 @@ class CloudAdapter:
     def validate(self, upload: UploadMessage) -> None:
         """Raise ValueError if ``upload`` is malformed (wrong type, shape, dtype, NaN entropies)."""
         validate_upload(upload, self.image_shape)
+        if upload.stats is not None:
+            check_tbr_stats(self._stats_reference, upload.stats)
 
     def process(self, upload: UploadMessage, key: str | None = None) -> UpdateMessage | None:
         """Take one upload (the edge's selection from one batch, maybe empty) for ``key``
@@ -115,10 +125,15 @@ class CloudAdapter:
             raise
         self.counters["uploads"] += 1
         ks = self._key_state(key or upload.device_id)
+        self._maybe_shift_reset(ks, upload)
+        if upload.stats is not None and self.device_stats:
+            ks.edge.stats = {k: v.to(self.device, copy=True) for k, v in upload.stats.items()}
         new = torch.from_numpy(upload.images).to(self.device)
         ks.samples_received += len(new)
         # As the reference: uploads enter the replay buffer when they arrive.
-        ks.replay = torch.cat([ks.replay, new])[-self.cfg.cloud.replay_capacity:]
+        capacity = self.cfg.cloud.replay_capacity
+        if capacity > 0:  # (a [-0:] slice would keep everything)
+            ks.replay = torch.cat([ks.replay, new])[-capacity:]
         ks.pending = torch.cat([ks.pending, new])
         stepped = False
         batch = self.cfg.cloud.batch_size
@@ -130,6 +145,15 @@ class CloudAdapter:
             self._step(ks, None)
             stepped = True
         return self.update_for(key or upload.device_id) if stepped else None
+
+    @torch.no_grad()
+    def predict(self, key: str, images) -> torch.Tensor:
+        """The foundation's logits for ``images`` (uint8 NHWC array) under ``key``'s current state,
+        nothing moved (for traces: the ceiling the distillation approaches)."""
+        ks = self._key_state(key)
+        _load(self.foundation, self._f_params, ks.foundation)
+        set_norm_mode(self.foundation, "tbr", update_stats=False)
+        return self.foundation(self._to_input(torch.from_numpy(images).to(self.device))).cpu()
 
     def update_for(self, key: str) -> UpdateMessage:
         """The current parameters for ``key`` (e.g. for a device that (re)joins)."""
@@ -151,6 +175,9 @@ class CloudAdapter:
             flat[p + "name"] = sio.str_tensor(key)
             for c in KeyState.COUNTERS:
                 flat[p + c] = sio.int_tensor(getattr(ks, c))
+            for j, (dev, epoch) in enumerate(ks.device_epochs.items()):
+                flat[f"{p}device_epochs.{j}.name"] = sio.str_tensor(dev)
+                flat[f"{p}device_epochs.{j}.epoch"] = sio.int_tensor(epoch)
             flat[p + "replay"] = ks.replay.cpu().contiguous()
             flat[p + "pending"] = ks.pending.cpu().contiguous()
             ks.foundation.put(flat, p + "foundation.")
@@ -167,7 +194,11 @@ class CloudAdapter:
                           sio.require(flat, p + "replay").to(self.device),
                           sio.require(flat, p + "pending").to(self.device))
             for c in KeyState.COUNTERS:
-                setattr(ks, c, int(sio.require(flat, p + c)))
+                if p + c in flat or c not in ("shift_resets", "last_reset_step"):  # (older checkpoints)
+                    setattr(ks, c, int(sio.require(flat, p + c)))
+            n_dev = len({k.split(".")[3] for k in flat if k.startswith(p + "device_epochs.")})
+            ks.device_epochs = {sio.tensor_str(flat[f"{p}device_epochs.{j}.name"]):
+                                int(flat[f"{p}device_epochs.{j}.epoch"]) for j in range(n_dev)}
             for part, params in (("foundation", self._f_params), ("edge", self._e_params)):
                 got = getattr(ks, part).affine
                 if set(got) != set(params) or any(got[k].shape != params[k].shape for k in params):
@@ -185,6 +216,31 @@ class CloudAdapter:
                                       ModelState({k: v.clone() for k, v in self._e_init.items()}),
                                       empty, empty.clone())
         return self.keys[key]
+
+    def _maybe_shift_reset(self, ks: KeyState, upload: UploadMessage) -> None:
+        """Reset the key's parts of ``shift.reset`` when the uploader reports a new shift; with many
+        devices per key (a group) at most once per ``shift.min_batches`` cloud steps."""
+        seen = ks.device_epochs.get(upload.device_id, 0)
+        ks.device_epochs[upload.device_id] = max(seen, upload.shift_epoch)
+        if upload.shift_epoch <= seen or not self.cfg.shift.reset:
+            return
+        if ks.shift_resets and ks.steps - ks.last_reset_step < self.cfg.shift.min_batches:
+            return
+        parts = self.cfg.shift.reset
+        if "replay" in parts:
+            ks.replay, ks.pending = ks.replay[:0], ks.pending[:0]
+        if "foundation_stats" in parts:
+            ks.foundation.stats = None
+        if "foundation_affine" in parts:
+            ks.foundation.affine = {k: v.clone() for k, v in self._f_init.items()}
+            ks.foundation.momentum = {}
+        if "edge_affine" in parts:
+            ks.edge.affine = {k: v.clone() for k, v in self._e_init.items()}
+            ks.edge.momentum = {}
+        if "edge_stats" in parts and not self.device_stats:
+            ks.edge.stats = None
+        ks.shift_resets += 1
+        ks.last_reset_step = ks.steps
 
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         return images.permute(0, 3, 1, 2).float().div_(255)
@@ -217,9 +273,13 @@ class CloudAdapter:
         set_norm_mode(self.foundation, "tbr", update_stats=False)
         with torch.no_grad():
             teacher = self.foundation(x)
-        set_norm_mode(self.edge, "tbr", update_stats=True, momentum=c.tbr_momentum)
+        # (With device statistics the edge copy normalizes exactly as the uploader does.)
+        set_norm_mode(self.edge, "tbr", update_stats=not self.device_stats, momentum=c.tbr_momentum)
         terms = distillation_loss(self.edge(x), teacher, self.e_max, c.alpha, c.beta, c.gamma, c.temperature)
         _sgd(self._e_params, terms.total, ks.edge.momentum, c.edge_lr, c.momentum)
+        if c.source_pull:
+            _pull(self._f_params, self._f_init, c.source_pull)
+            _pull(self._e_params, self._e_init, c.source_pull)
         _read_back(self.foundation, self._f_params, ks.foundation)
         _read_back(self.edge, self._e_params, ks.edge)
         ks.steps += 1
@@ -241,6 +301,12 @@ def _load(model: nn.Module, params: dict[str, nn.Parameter], state: ModelState) 
         for k, p in params.items():
             p.copy_(state.affine[k])
     load_tbr_stats(model, state.stats)
+
+
+def _pull(params: dict[str, nn.Parameter], source: dict[str, torch.Tensor], weight: float) -> None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.mul_(1 - weight).add_(source[k], alpha=weight)
 
 
 def _read_back(model: nn.Module, params: dict[str, nn.Parameter], state: ModelState) -> None:

@@ -15,10 +15,14 @@ edge and cloud code:
                       the cloud (an ablation: what the cloud's updates add)
 ``tent``              Tent on the edge (entropy minimization of the normalization affine
                       parameters, needs edge backward): an upper reference, not cloud-edge
+``rdumb``             RDumb on the edge (ETA's filtered, weighted entropy minimization plus a
+                      reset every 1,000 steps): a continual-safe TTA baseline, edge backward
 ``upload_all``        CEMA's cloud side with every sample uploaded (filters off)
 ``eata_filter``       static E_max + redundancy filter, no E_min: EATA's sample selection, and
                       also what the released CEMA config runs (``cema_released`` is an alias)
 ``cema``              the paper's method: dynamic E_max(t), E_min, redundancy filter
+``cema_plus``         ``cema`` with the fixes beyond the paper (``CEMA_PLUS_SETTINGS``): device
+                      statistics with uploads, shift detection and resets, pull to the source
 ====================  =====================================================================
 """
 from __future__ import annotations
@@ -94,7 +98,10 @@ class EdgeConfig:
     # affine parameters only. On the quick benchmark "cloud" is ahead in every mode (mean
     # accuracy, CEMA: reset 61.2 vs 60.5, label-correlated 60.1 vs 56.3), as the affine
     # parameters are distilled under exactly these statistics. Methods without a cloud
-    # ("tbr_stats") always use "local".
+    # ("tbr_stats") always use "local". "upload" (beyond the paper): the edge moves its own
+    # statistics as with "local" and every upload carries them (about 5 KB for ResNet-20), so the
+    # cloud distils under exactly the statistics the device applies the parameters with, also when
+    # uploads starve after a shift; updates carry affine parameters only.
     stats_source: str = "cloud"
 
 
@@ -105,8 +112,10 @@ class CloudConfig:
     foundation_lr: float = 2.5e-4  # SGD on the foundation's normalization affine parameters
     edge_lr: float = 2.5e-3  # SGD on the edge copy's normalization affine parameters
     momentum: float = 0.9
-    # Sample weights 1/exp(H - E_max) use the static E_max = e_max_frac * ln(C), as the reference.
-    e_max_frac: float = 0.4
+    # Sample weights 1/exp(H - E_max) use the static E_max = e_max_frac * ln(C), as the reference,
+    # whose one E_max serves the filter and the loss. None (default): the filter's e_max_frac, so
+    # a sweep of filter.e_max_frac moves both; a number sets the loss's E_max on its own.
+    e_max_frac: float | None = None
     # Distillation loss = alpha * weighted entropy(edge) + beta * KL(foundation || edge) * T^2
     #                     + gamma * CE(edge, argmax foundation), KL and CE weighted by the
     #                     foundation's 1/exp(H - E_max).
@@ -118,12 +127,47 @@ class CloudConfig:
     # `replay_min`, a step uses the new batch plus `replay_ratio` x its size from the buffer;
     # a process() call that completes no new batch distils on `replay_only_multiple` x batch_size
     # buffered samples (the reference requires more than `replay_min` for that step).
+    # replay_capacity 0: no replay at all.
     replay_capacity: int = 10000
     replay_min: int = 256
     replay_ratio: int = 3
     replay_only_multiple: int = 4
     replay_only_steps: bool = True
     tbr_momentum: float = 0.1
+    # Beyond the paper: after every step both models' affine parameters move toward the source
+    # parameters, p <- (1 - source_pull) * p + source_pull * p_source (ROID's weight ensembling
+    # uses 0.01). 0: off, the reference.
+    source_pull: float = 0.0
+
+
+# The state a detected shift can reset (ShiftConfig.reset).
+SHIFT_PARTS = ("filter", "edge_stats", "edge_affine", "replay", "foundation_stats", "foundation_affine")
+
+
+@dataclass
+class ShiftConfig:
+    """Beyond the paper: what happens when a device's input distribution shifts.
+
+    The reference resets every corruption stream by hand; a device in the field sees shifts one
+    after another, and the state built on the old domain (filter means, replay buffer, both models'
+    statistics, adapted parameters) then works against the new one. ``detect``:
+
+    - ``off``: the reference, nothing is reset;
+    - ``oracle``: the stream's own tags mark the shifts (diagnosis only: a device does not know);
+    - ``stats``: the edge compares each batch's first-normalization-layer input statistics with
+      a moving average of them (forward only, 16 numbers per channel pair for ResNet-20) and
+      reports a shift when the distance exceeds ``threshold`` x its running mean, at most once
+      per ``min_batches`` batches.
+
+    A detected shift resets the ``reset`` parts (names in ``SHIFT_PARTS``) on the edge and, through
+    the next upload's ``shift_epoch``, in the cloud's state for the device's key.
+    """
+
+    detect: str = "off"
+    threshold: float = 6.0
+    min_batches: int = 8
+    momentum: float = 0.1  # of the reference statistics and the distance's running mean
+    reset: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -132,6 +176,8 @@ class TentConfig:
 
     lr: float = 2.5e-4
     momentum: float = 0.9
+    # RDumb: reset to the deployed parameters every this many steps (RDumb's 1,000); 0: never.
+    reset_every: int = 1000
 
 
 @dataclass
@@ -140,7 +186,23 @@ class CEMAConfig:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     tent: TentConfig = field(default_factory=TentConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
     seed: int = 0
+
+
+def check_config(cfg: "CEMAConfig") -> None:
+    """Raise ValueError naming the setting that is out of range (choices checked here)."""
+    if cfg.edge.stats_source not in ("local", "cloud", "upload"):
+        raise ValueError(f"edge.stats_source must be 'local', 'cloud' or 'upload', got {cfg.edge.stats_source!r}")
+    if cfg.shift.detect not in ("off", "oracle", "stats"):
+        raise ValueError(f"shift.detect must be 'off', 'oracle' or 'stats', got {cfg.shift.detect!r}")
+    unknown = sorted(set(cfg.shift.reset) - set(SHIFT_PARTS))
+    if unknown:
+        raise ValueError(f"shift.reset: unknown parts {unknown}; choose from {list(SHIFT_PARTS)}")
+    if not 0.0 <= cfg.cloud.source_pull < 1.0:
+        raise ValueError(f"cloud.source_pull must be in [0, 1), got {cfg.cloud.source_pull}")
+    if cfg.cloud.replay_capacity < 0:
+        raise ValueError(f"cloud.replay_capacity must be >= 0 (0: no replay), got {cfg.cloud.replay_capacity}")
 
 
 @dataclass(frozen=True)
@@ -150,14 +212,29 @@ class MethodSpec:
     edge_norm: str
     uploads: bool = False
     filter_preset: str = "paper"  # a FILTER_PRESETS name, when uploads
-    edge_learning: bool = False  # Tent: backward on the edge
+    edge_learning: str = ""  # backward on the edge: "tent" or "rdumb" (ETA + periodic reset)
     description: str = ""
+    # Settings the method fixes beyond the switches above: dotted CEMAConfig keys -> values.
+    settings: tuple[tuple[str, object], ...] = ()
 
+
+# Beyond the paper, each chosen by an experiment (README, "CEMA: what the diagnosis found"):
+# uploads carry the device's statistics (the cloud distils under what the device applies), a
+# detected shift resets everything built on the old domain, and both models are pulled 1% per
+# step toward the source parameters (ROID's weight ensembling).
+CEMA_PLUS_SETTINGS: tuple[tuple[str, object], ...] = (
+    ("edge.stats_source", "upload"),
+    ("shift.detect", "stats"),
+    ("shift.reset", ["filter", "edge_stats", "edge_affine", "replay", "foundation_stats", "foundation_affine"]),
+    ("cloud.source_pull", 0.01),
+)
 
 METHODS: dict[str, MethodSpec] = {
     "none": MethodSpec("source", description="no adaptation"),
     "bn_adapt": MethodSpec("mix", description="forward-only BN statistics adaptation (edge)"),
-    "tent": MethodSpec("batch", edge_learning=True, description="Tent on the edge (edge backward; upper reference)"),
+    "tent": MethodSpec("batch", edge_learning="tent", description="Tent on the edge (edge backward; upper reference)"),
+    "rdumb": MethodSpec("batch", edge_learning="rdumb",
+                        description="RDumb on the edge: ETA + reset every tent.reset_every steps (edge backward)"),
     "tbr_stats": MethodSpec("tbr", description="edge TBR statistics only: CEMA's edge without cloud updates"),
     "upload_all": MethodSpec("tbr", uploads=True, filter_preset="upload_all",
                              description="distillation, every sample uploaded"),
@@ -167,6 +244,8 @@ METHODS: dict[str, MethodSpec] = {
                                 description="released CEMA config (= eata_filter)"),
     "cema": MethodSpec("tbr", uploads=True, filter_preset="paper",
                        description="CEMA: dynamic E_max, E_min, redundancy"),
+    "cema_plus": MethodSpec("tbr", uploads=True, filter_preset="paper", settings=CEMA_PLUS_SETTINGS,
+                            description="CEMA + device statistics, shift resets, pull to the source"),
 }
 
 
@@ -182,6 +261,13 @@ def method_config(method: str, base: CEMAConfig | None = None) -> CEMAConfig:
     base = base or CEMAConfig()
     edge = dataclasses.replace(base.edge, norm=spec.edge_norm)
     if not spec.uploads:
-        return dataclasses.replace(base, edge=edge)
-    return dataclasses.replace(base, edge=edge, filter=base.filter.with_preset(spec.filter_preset))
+        cfg = dataclasses.replace(base, edge=edge)
+    else:
+        cfg = dataclasses.replace(base, edge=edge, filter=base.filter.with_preset(spec.filter_preset))
+    for key, value in spec.settings:
+        section, name = key.split(".")
+        part = dataclasses.replace(getattr(cfg, section), **{name: value})
+        cfg = dataclasses.replace(cfg, **{section: part})
+    check_config(cfg)
+    return cfg
 

@@ -18,10 +18,12 @@ from torch import nn
 from ..data import to_float
 from ..models import get_norm_affine, norm_affine_parameters
 from . import state_io as sio
-from .config import CEMAConfig
+from .config import CEMAConfig, check_config
 from .filters import FilterState, Selection, select_uploads
 from .messages import Accounting, UpdateMessage, UploadMessage
-from .norm import check_tbr_stats, convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode
+from .norm import (check_tbr_stats, convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode,
+                   test_time_bn_modules)
+from .shift import ShiftState, channel_stats, observe
 
 
 @dataclass
@@ -37,6 +39,7 @@ class EdgeDeviceState:
     accounting: Accounting = field(default_factory=Accounting)
     batches: int = 0
     pending: UpdateMessage | None = None  # newest valid update, applied before the next batch
+    shift: ShiftState = field(default_factory=ShiftState)  # shift detector (ShiftConfig)
 
     def offer(self, update: UpdateMessage) -> bool:
         """Receive an update; keep it for the next batch if it is newer than anything held.
@@ -108,6 +111,7 @@ class EdgeDeviceState:
         sio.put(flat, "affine.", self.affine)
         sio.put(flat, "stats.", self.stats)
         sio.put(flat, "momentum.", self.momentum)
+        flat.update(self.shift.to_tensors())
         return flat
 
     @classmethod
@@ -121,7 +125,7 @@ class EdgeDeviceState:
         acc = Accounting(**{k: int(v) for k, v in (sio.take(flat, "accounting.") or {}).items()})
         return cls(sio.tensor_str(sio.require(flat, "device_id")), affine, int(sio.require(flat, "version")),
                    sio.take(flat, "stats."), filt, sio.take(flat, "momentum.") or {}, acc,
-                   int(sio.require(flat, "batches")))
+                   int(sio.require(flat, "batches")), shift=ShiftState.from_tensors(flat))
 
 
 @dataclass
@@ -129,6 +133,7 @@ class EdgeResult:
     logits: torch.Tensor
     upload: UploadMessage | None  # None for methods that never upload
     selection: Selection | None
+    shifted: bool = False  # a shift was detected (or, with detect="oracle", announced) at this batch
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -159,8 +164,18 @@ class EdgeRunner:
         self.params = norm_affine_parameters(self.model)  # live tensors, refilled per batch
         self.initial_affine = get_norm_affine(self.model)
         self.uses_tbr = cfg.edge.norm == "tbr"
-        if cfg.edge.stats_source not in ("local", "cloud"):
-            raise ValueError(f"edge.stats_source must be 'local' or 'cloud', got {cfg.edge.stats_source!r}")
+        check_config(cfg)
+        # Statistics the edge moves itself: always without a cloud, else unless they come from it.
+        self.local_stats = not uploads or cfg.edge.stats_source != "cloud"
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cfg.shift.detect == "stats":
+            first = next(iter(test_time_bn_modules(self.model).values()), None)
+            if first is None:
+                raise ValueError("shift.detect='stats' needs a model with BatchNorm2d layers")
+            first.register_forward_pre_hook(self._probe_first_layer)
+
+    def _probe_first_layer(self, module, args) -> None:
+        self._probe = channel_stats(args[0].detach())
 
     def new_device(self, device_id: str) -> EdgeDeviceState:
         return EdgeDeviceState(device_id, {k: v.clone() for k, v in self.initial_affine.items()})
@@ -171,8 +186,7 @@ class EdgeRunner:
                 p.copy_(state.affine[k])
         if self.uses_tbr:
             load_tbr_stats(self.model, state.stats)
-        local_stats = not self.uploads or self.cfg.edge.stats_source == "local"
-        set_norm_mode(self.model, self.cfg.edge.norm, update_stats=self.uses_tbr and local_stats,
+        set_norm_mode(self.model, self.cfg.edge.norm, update_stats=self.uses_tbr and self.local_stats,
                       mix_weight=self.cfg.edge.mix_weight, momentum=self.cfg.edge.tbr_momentum)
 
     def forward(self, state: EdgeDeviceState, x: torch.Tensor) -> torch.Tensor:
@@ -184,21 +198,53 @@ class EdgeRunner:
             state.stats = read_tbr_stats(self.model)
         return logits.clone()  # a normal tensor, usable outside inference mode
 
-    def infer(self, state: EdgeDeviceState, images: np.ndarray) -> EdgeResult:
-        """Apply any pending update, predict one batch, select and package its uploads."""
+    def _shift_reset(self, state: EdgeDeviceState) -> bool:
+        """Reset the edge's parts of ``shift.reset``; True when the batch must be predicted again."""
+        parts = self.cfg.shift.reset
+        if "filter" in parts:
+            state.filter = type(state.filter)()
+        if "edge_affine" in parts:
+            state.affine = {k: v.clone() for k, v in self.initial_affine.items()}
+            state.momentum = {}
+            if state.pending is not None:  # adapted to the old domain
+                state.pending = None
+                state.accounting.updates_stale += 1
+        if "edge_stats" in parts and self.uses_tbr:
+            state.stats = None  # restart from the batch that showed the shift
+            return True
+        return "edge_affine" in parts
+
+    def infer(self, state: EdgeDeviceState, images: np.ndarray, shift: bool = False) -> EdgeResult:
+        """Apply any pending update, predict one batch, select and package its uploads.
+        ``shift`` announces a shift at this batch (used with ``shift.detect="oracle"`` only)."""
         state.apply_pending()
         x = images_to_input(images)
+        before = None if state.stats is None else state.stats
         logits = self.forward(state, x)
+        shifted = False
+        if self.cfg.shift.detect == "oracle":
+            shifted = bool(shift) and state.batches > 0
+            if shifted:
+                state.shift.epoch += 1
+        elif self.cfg.shift.detect == "stats" and self._probe is not None:
+            shifted, state.shift.last_distance = observe(state.shift, *self._probe, len(images), self.cfg.shift)
+        if shifted and self._shift_reset(state):
+            if state.stats is not None:
+                state.stats = before  # the pass above moved them: predict again from where it started
+            logits = self.forward(state, x)
         state.batches += 1
         acc = state.accounting
         acc.seen += len(images)
         if not self.uploads:
             acc.not_uploaded += len(images)
-            return EdgeResult(logits, None, None)
+            return EdgeResult(logits, None, None, shifted)
         sel = select_uploads(logits, state.filter, self.cfg.filter)
         keep = sel.keep.numpy()
+        stats = state.stats if self.cfg.edge.stats_source == "upload" and self.uses_tbr else None
         upload = UploadMessage(state.device_id, np.ascontiguousarray(images[keep]), state.version,
-                               sel.entropies[sel.keep].numpy().astype(np.float32), state.batches)
+                               sel.entropies[sel.keep].numpy().astype(np.float32), state.batches,
+                               shift_epoch=state.shift.epoch,
+                               stats={k: v.clone() for k, v in stats.items()} if stats is not None else None)
         acc.uploaded += len(keep)
         acc.excluded_unreliable += sel.excluded.get("unreliable", 0)
         acc.excluded_low_info += sel.excluded.get("low_info", 0)
@@ -206,5 +252,5 @@ class EdgeRunner:
         if len(keep):
             acc.uploads += 1
             acc.bytes_up += upload.nbytes
-        return EdgeResult(logits, upload, sel)
+        return EdgeResult(logits, upload, sel, shifted)
 

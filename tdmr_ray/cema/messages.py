@@ -25,10 +25,14 @@ class UploadMessage:
     param_version: int  # version of the edge parameters the samples were inferred with
     entropies: np.ndarray | None = None  # float32 (N,), edge entropies (for audit; the cloud recomputes)
     seq: int = 0  # the device's batch counter
+    # Beyond the paper (ShiftConfig, EdgeConfig.stats_source="upload"): the device's shift count,
+    # and the TBR statistics it applies parameters with (float32 tensors, a few KB).
+    shift_epoch: int = 0
+    stats: dict[str, torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.images.nbytes)
+        return int(self.images.nbytes) + sum(t.numel() * t.element_size() for t in (self.stats or {}).values())
 
     def __len__(self) -> int:
         return len(self.images)
@@ -72,6 +76,11 @@ def validate_upload(msg: UploadMessage, image_shape: tuple[int, int, int]) -> No
             raise ValueError(f"upload entropies must be an array of shape ({len(x)},)")
         if not np.issubdtype(e.dtype, np.floating) or not np.isfinite(e).all():
             raise ValueError("upload entropies must be finite floats (NaN or inf found)")
+    if not isinstance(msg.shift_epoch, (int, np.integer)) or msg.shift_epoch < 0:
+        raise ValueError(f"upload shift_epoch must be a non-negative int, got {msg.shift_epoch!r}")
+    if msg.stats is not None and (not isinstance(msg.stats, dict)
+                                  or not all(isinstance(v, torch.Tensor) for v in msg.stats.values())):
+        raise ValueError("upload stats must be a dict of tensors")
 
 
 @dataclass

@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from ..cema import CloudAdapter, UploadMessage, method_config
 from ..registry import Registry
@@ -33,7 +35,10 @@ from ..storage import RunStore
 WAL_SCHEMA = pa.schema([("seq", pa.int64()), ("device_id", pa.string()), ("key", pa.string()),
                         ("batch", pa.int64()), ("param_version", pa.int64()), ("sent_at", pa.float64()),
                         ("height", pa.int32()), ("width", pa.int32()), ("channels", pa.int32()),
-                        ("image", pa.binary())])
+                        ("image", pa.binary()),
+                        # the device's TBR statistics (safetensors bytes, first row of an upload only;
+                        # EdgeConfig.stats_source="upload") and its shift count (ShiftConfig)
+                        ("stats", pa.binary()), ("shift_epoch", pa.int64())])
 
 
 def write_parquet(store: RunStore, name: str, table: pa.Table) -> None:
@@ -61,7 +66,8 @@ class CloudAdapterActor:
         self.store = RunStore(run_uri)
         self.registry = Registry.for_storage(cfg.storage)
         self.prefix = f"edge-{cfg.run_name}-"
-        self.state_name = f"cema-adapter-{cfg.run_name}"
+        self.run_id = getattr(cfg, "run_id", "") or cfg.run_name  # set by run_fleet
+        self.state_name = f"cema-adapter-{self.run_id}"  # per run: a fresh run never restores another's
         device = "cuda" if cfg.adapter_gpu and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(1)
         cema_cfg = method_config(cfg.method, cfg.cema)
@@ -142,7 +148,8 @@ class CloudAdapterActor:
     # -- internals ---------------------------------------------------------------------------
     def _log(self, seq: int, msg: UploadMessage, key: str, sent_at: float) -> None:
         n, (h, w, c) = len(msg), msg.images.shape[1:]
-        table = pa.table({"seq": [seq] * n, "device_id": [msg.device_id] * n, "key": [key] * n,
+        stats = [save_tensors(msg.stats) if msg.stats is not None else None] + [None] * (n - 1)
+        table = pa.table({"stats": stats, "shift_epoch": [int(msg.shift_epoch)] * n, "seq": [seq] * n, "device_id": [msg.device_id] * n, "key": [key] * n,
                           "batch": [int(msg.seq)] * n, "param_version": [int(msg.param_version)] * n,
                           "sent_at": [sent_at] * n, "height": [h] * n, "width": [w] * n, "channels": [c] * n,
                           "image": [img.tobytes() for img in msg.images]}, schema=WAL_SCHEMA)
@@ -179,7 +186,10 @@ class CloudAdapterActor:
         for seq, rows in _group_by_seq(todo):
             images = np.stack([np.frombuffer(b, np.uint8).reshape(h, w, c) for b, h, w, c in
                                zip(rows["image"], rows["height"], rows["width"], rows["channels"])])
-            msg = UploadMessage(rows["device_id"][0], images, rows["param_version"][0], None, rows["batch"][0])
+            stats = rows.get("stats", [None])[0]
+            msg = UploadMessage(rows["device_id"][0], images, rows["param_version"][0], None, rows["batch"][0],
+                                shift_epoch=int((rows.get("shift_epoch") or [0])[0] or 0),
+                                stats=load_tensors(stats) if stats else None)
             self.queued_samples += len(images)
             self.counters["replayed_samples"] += len(images)
             self.queue.put((seq, msg, rows["key"][0], rows["sent_at"][0]))
@@ -195,6 +205,7 @@ class CloudAdapterActor:
                         self.registry.publish_edge_params(
                             self.prefix + key, update.params, base=self.base_ref,
                             extra={"adapter_version": update.version, "trigger_sent_at": sent_at,
+                                   "run_id": self.run_id,
                                    "trigger": f"{msg.device_id}#{msg.seq}"})
                         published = True
                     self.processed_through = seq

@@ -19,7 +19,12 @@ def fleet_cema_config() -> CEMAConfig:
 
 @dataclass
 class FleetConfig(CommonConfig):
-    run_name: str = "cema"  # registry names: edge-<run_name>-<key>, cema-adapter-<run_name>
+    run_name: str = "cema"  # registry names: edge-<run_name>-<key> (what Serve reads)
+    # A run starts clean: its run id is <run_name>-<output dir name>; its adapter state
+    # (cema-adapter-<run id>), upload log and host checkpoints are its own, and its devices apply
+    # only parameter versions published by this run. --resume RUN_ID continues that run instead
+    # (after a driver crash: same settings, the id printed at its start and in summary.json).
+    resume: str = ""
     devices: int = 256
     hosts: int = 0  # device-host actors; 0: one per CPU left after the adapter's (at least 1)
     batches_per_device: int = 8
@@ -29,8 +34,11 @@ class FleetConfig(CommonConfig):
     severity: int = 5
     pool_size: int = 1000  # images per corruption pool (devices draw their own seeded orders)
     edge: str = "resnet20"  # a model name (pretrained) or a registry reference name@vN
-    foundation: str = "resnet56"
-    method: str = "cema"  # a tdmr_ray.cema.METHODS name (none, bn_adapt, upload_all, eata_filter, cema, ...)
+    foundation: str = "resnet56_augmix"  # the corruption-robust stand-in for a large foundation
+    method: str = "cema_plus"  # a tdmr_ray.cema.METHODS name (none, bn_adapt, upload_all, cema, cema_plus, ...)
+    # Devices that run the same edge (TBR, filter, uploads) but never apply a cloud update: the
+    # control group the lift (treatment - control accuracy) is measured against. 0: none.
+    control_fraction: float = 0.1
     key_by: str = "group"  # adaptation state per "group" (devices sharing a corruption) or per "device"
     uploads: bool = True  # False: devices filter but send nothing and no adapter runs (measures the edge alone)
     max_in_flight: int = 64  # per host: unacknowledged uploads; more are dropped (edge never waits)

@@ -39,9 +39,11 @@ class DeviceHost:
                                        method_config(cfg.method, cfg.cema))
         self.registry = Registry.for_storage(cfg.storage)
         self.prefix = f"edge-{cfg.run_name}-"
+        self.run_id = getattr(cfg, "run_id", "") or cfg.run_name  # set by run_fleet
         self.devices = [streams.device_id(i) for i in device_indices]
         self.group = {streams.device_id(i): streams.device_group(i, cfg.corruptions) for i in device_indices}
         self.key = {d: (d if cfg.key_by == "device" else g) for d, g in self.group.items()}
+        self.control = {d: streams.is_control(d, cfg.control_fraction, cfg.seed) for d in self.devices}
         self.streams = {d: DeviceStream(d, len(pools[g][1]), cfg.batch_size, cfg.seed) for d, g in self.group.items()}
         self.state = {d: self.runner.new_device(d) for d in self.devices}
         self.position = dict.fromkeys(self.devices, 0)
@@ -68,6 +70,7 @@ class DeviceHost:
         seen0 = sum(s.accounting.seen for s in self.state.values())
         up0 = sum(s.accounting.uploaded for s in self.state.values())
         correct0 = sum(self.correct.values())
+        arms0 = self._arms()
         for _ in range(n_batches):
             self._pull_updates()
             for d in self.devices:
@@ -79,7 +82,17 @@ class DeviceHost:
                 "seen": sum(s.accounting.seen for s in self.state.values()) - seen0,
                 "uploaded": sum(s.accounting.uploaded for s in self.state.values()) - up0,
                 "correct": sum(self.correct.values()) - correct0,
+                "arms": {arm: [a - b for a, b in zip(now, arms0[arm])] for arm, now in self._arms().items()},
                 "done": all(p >= self.cfg.batches_per_device for p in self.position.values())}
+
+    def _arms(self) -> dict[str, list[int]]:
+        """(seen, correct) of the treatment and the control devices."""
+        out = {"treatment": [0, 0], "control": [0, 0]}
+        for d in self.devices:
+            arm = out["control" if self.control[d] else "treatment"]
+            arm[0] += self.state[d].accounting.seen
+            arm[1] += self.correct[d]
+        return out
 
     def _device_batch(self, d: str) -> None:
         state, b = self.state[d], self.position[d]
@@ -122,6 +135,8 @@ class DeviceHost:
 
     def _pull_updates(self) -> None:
         """Offer each key's newest registry version to the key's devices (applied before their next batch)."""
+        if self.adapter is None:  # no cloud in this run: nothing of its own to apply
+            return
         for key in set(self.key.values()):
             name = self.prefix + key
             version = self.registry.latest_version(name)
@@ -129,10 +144,12 @@ class DeviceHost:
                 continue
             params, meta = self.registry.load_tensors(name, version)
             self.key_version[key] = version
+            if meta.get("run_id") != self.run_id:  # another run's parameters (same run name)
+                continue
             self.trigger_sent_at[version] = float(meta.get("trigger_sent_at") or time.time())
             update = UpdateMessage(key, version, params)
             for d in self.devices:
-                if self.key[d] == key:
+                if self.key[d] == key and not self.control[d]:
                     self.state[d].offer(update)
 
     # -- reporting and checkpoints -------------------------------------------------------------
@@ -143,7 +160,8 @@ class DeviceHost:
         return {"host": self.index, "counters": dict(self.counters), "latencies": list(self.latencies),
                 "restored": self.restored, "node": ray.get_runtime_context().get_node_id(),
                 "rss_bytes": _rss_bytes(),
-                "devices": {d: {"group": self.group[d], "seen": self.state[d].accounting.seen,
+                "devices": {d: {"group": self.group[d], "control": self.control[d],
+                                "seen": self.state[d].accounting.seen,
                                 "correct": self.correct[d], "version": self.state[d].version,
                                 "accounting": self.state[d].accounting.as_dict()} for d in self.devices}}
 

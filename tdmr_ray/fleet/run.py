@@ -11,7 +11,7 @@ from ..cema import METHODS
 from ..data import load_dataset
 from ..registry import Registry
 from ..runtime import JobRun, init_ray, resolve_model
-from ..storage import join, resolve_storage
+from ..storage import RunStore, join, resolve_storage
 from .adapter import CloudAdapterActor
 from .config import FleetConfig
 from .host import DeviceHost
@@ -28,19 +28,40 @@ def check_config(cfg: FleetConfig) -> None:
     bad = [c for c in cfg.corruptions if c not in CORRUPTIONS and c != "clean"]
     if bad or not cfg.corruptions:
         raise ValueError(f"unknown corruptions {bad}; known: clean, {', '.join(CORRUPTIONS)}")
+    if not 0 <= cfg.control_fraction < 1:
+        raise ValueError(f"control_fraction must be in [0, 1), got {cfg.control_fraction}")
     for name in ("devices", "batches_per_device", "batch_size", "pool_size", "round_batches", "max_in_flight"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
 
 
+def fleet_run_id(cfg: FleetConfig, run: JobRun) -> str:
+    """``--resume`` if given, else ``<run_name>-<output dir name>``: unique per run."""
+    return cfg.resume or f"{cfg.run_name}-{Path(run.output_dir).name}"
+
+
 def fleet_run_uri(cfg: FleetConfig, run: JobRun) -> str:
-    """Where the run's host checkpoints and upload log live: ``<storage>/fleet/<run>-<output dir>``."""
-    return join(resolve_storage(cfg.storage), "fleet", f"{cfg.run_name}-{Path(run.output_dir).name}")
+    """Where the run's host checkpoints and upload log live: ``<storage>/fleet/<run id>``."""
+    return join(resolve_storage(cfg.storage), "fleet", fleet_run_id(cfg, run))
 
 
 def actor_name(cfg: FleetConfig, run: JobRun, role: str) -> str:
     """Unique per run (the output directory's name), so operators and tests can find the actors."""
-    return f"{cfg.run_name}-{Path(run.output_dir).name}-{role}"
+    return f"{fleet_run_id(cfg, run)}-{role}"
+
+
+def lift(treatment: list[float], control: list[float]) -> dict:
+    """Treatment minus control mean per-device accuracy, with a Welch 95% interval (normal
+    approximation; None with fewer than two devices in an arm)."""
+    out = {"treatment_devices": len(treatment), "control_devices": len(control),
+           "treatment_accuracy": round(float(np.mean(treatment)), 4) if treatment else None,
+           "control_accuracy": round(float(np.mean(control)), 4) if control else None,
+           "lift": None, "ci95": None}
+    if len(treatment) >= 2 and len(control) >= 2:
+        diff = float(np.mean(treatment) - np.mean(control))
+        se = float(np.sqrt(np.var(treatment, ddof=1) / len(treatment) + np.var(control, ddof=1) / len(control)))
+        out.update(lift=round(diff, 4), ci95=[round(diff - 1.96 * se, 4), round(diff + 1.96 * se, 4)])
+    return out
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -58,6 +79,11 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
     cfg.edge = base_ref  # every actor loads the same registered version
     uploads = METHODS[cfg.method].uploads and cfg.uploads
     run_uri = fleet_run_uri(cfg, run)
+    cfg.run_id = fleet_run_id(cfg, run)  # (not a setting: travels with cfg to the actors)
+    if cfg.resume and RunStore(run_uri).read("hosts/host-0.safetensors") is None:
+        raise ValueError(f"--resume {cfg.resume}: no such fleet run in {join(resolve_storage(cfg.storage), 'fleet')}")
+    print(f"[cema] run id {cfg.run_id} ({'resumed' if cfg.resume else 'fresh'}; continue it with --resume {cfg.run_id})",
+          flush=True)
     with run.phase("pools"):
         build = ray.remote(num_cpus=1)(build_pool)
         pools = dict(zip(cfg.corruptions, ray.get([build.remote(cfg.dataset, c, cfg.severity, cfg.pool_size, cfg.seed)
@@ -80,6 +106,7 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
     print(f"[cema] {cfg.devices} devices on {n_hosts} host actor(s), method {cfg.method}, "
           f"groups {cfg.corruptions} (severity {cfg.severity}), key_by {cfg.key_by}", flush=True)
     series, seen, correct, uploaded, start = [], 0, 0, 0, time.monotonic()
+    arms = {"treatment": [0, 0], "control": [0, 0]}
     with run.phase("stream"):
         done = False
         while not done:
@@ -87,14 +114,21 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
             seen += sum(r["seen"] for r in results)
             correct += sum(r["correct"] for r in results)
             uploaded += sum(r["uploaded"] for r in results)
+            for r in results:
+                for arm, (n, c) in r["arms"].items():
+                    arms[arm][0] += n
+                    arms[arm][1] += c
+            t_acc, c_acc = (arms[a][1] / arms[a][0] if arms[a][0] else None for a in ("treatment", "control"))
             elapsed = time.monotonic() - start
             queue = ray.get(adapter.stats.remote())["queued_samples"] if adapter else 0
             series.append({"t": round(elapsed, 3), "seen": seen, "accuracy": correct / max(seen, 1),
                            "upload_fraction": uploaded / max(seen, 1),
-                           "round_accuracy": sum(r["correct"] for r in results) / max(sum(r["seen"] for r in results), 1)})
+                           "round_accuracy": sum(r["correct"] for r in results) / max(sum(r["seen"] for r in results), 1),
+                           "treatment_accuracy": t_acc, "control_accuracy": c_acc})
+            lift_text = f"  lift {100 * (t_acc - c_acc):+.1f} pts vs control" if t_acc is not None and c_acc is not None else ""
             print(f"[cema] {elapsed:6.1f}s devices {cfg.devices}  seen {seen}  {seen / elapsed:.0f} samples/s  "
                   f"upload {uploaded / max(seen, 1):.1%}  accuracy {correct / max(seen, 1):.1%}  "
-                  f"adapter queue {queue}", flush=True)
+                  f"adapter queue {queue}{lift_text}", flush=True)
             done = all(r["done"] for r in results)
         stream_s = time.monotonic() - start
         finals = ray.get([h.finish.remote() for h in hosts])
@@ -102,6 +136,7 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
         adapter_stats = ray.get(adapter.drain.remote()) if adapter else {}
     metrics = summarize(cfg, finals, adapter_stats, stream_s, series)
     metrics["run_store"] = run_uri
+    metrics["run_id"] = cfg.run_id
     if cfg.plot:
         plot(series, Path(run.output_dir) / "fleet.png", cfg)
     for h in hosts:
@@ -123,9 +158,16 @@ def summarize(cfg: FleetConfig, finals: list[dict], adapter: dict, stream_s: flo
         g[0] += v["seen"]
         g[1] += v["correct"]
     latencies = [x for f in finals for x in f["latencies"]]
+    acc = {d: v["correct"] / max(v["seen"], 1) for d, v in devices.items()}
+
+    def arm_lift(group=None):
+        pick = [d for d, v in devices.items() if group is None or v["group"] == group]
+        return lift([acc[d] for d in pick if not devices[d].get("control")],
+                    [acc[d] for d in pick if devices[d].get("control")])
     metrics = {
         "devices": len(devices), "samples": seen, "accuracy": round(correct / max(seen, 1), 4),
         "accuracy_by_group": {g: round(c / max(n, 1), 4) for g, (n, c) in by_group.items()},
+        "lift": arm_lift(), "lift_by_group": {g: arm_lift(g) for g in by_group},
         "upload_fraction": round(uploaded / max(seen, 1), 4), "uploaded": uploaded,
         "samples_per_s": round(seen / stream_s, 1), "stream_seconds": round(stream_s, 2),
         "host": counters, "hosts_restored": sum(bool(f["restored"]) for f in finals),
@@ -156,6 +198,9 @@ def plot(series: list[dict], path: Path, cfg: FleetConfig) -> None:
     ax.plot(t, [100 * s["round_accuracy"] for s in series], label="accuracy (per round)")
     ax.plot(t, [100 * s["accuracy"] for s in series], label="accuracy (cumulative)")
     ax.plot(t, [100 * s["upload_fraction"] for s in series], label="upload fraction (cumulative)")
+    if any(s.get("control_accuracy") is not None for s in series):
+        ax.plot(t, [100 * (s["treatment_accuracy"] or 0) for s in series], "--", label="treatment (cumulative)")
+        ax.plot(t, [100 * (s["control_accuracy"] or 0) for s in series], ":", label="control: no cloud updates")
     ax.set_xlabel("seconds")
     ax.set_ylabel("%")
     ax.set_title(f"{cfg.method}: {cfg.devices} devices, severity {cfg.severity}")

@@ -28,6 +28,12 @@ def device_group(index: int, corruptions: list[str]) -> str:
     return corruptions[index % len(corruptions)]
 
 
+def is_control(device: str, fraction: float, seed: int) -> bool:
+    """Whether ``device`` is in the control group: a seeded draw per device, so about ``fraction``
+    of every group, the same devices in every run with the same seed."""
+    return bool(fraction > 0 and np.random.default_rng([seed, 7, zlib.crc32(device.encode())]).random() < fraction)
+
+
 def device_id(index: int) -> str:
     return f"dev-{index:05d}"
 

@@ -26,7 +26,14 @@ PRETRAINED_FILES = {
     "resnet44": "resnet44-014dd654.th",
     "resnet56": "resnet56-4bfd9763.th",
     "resnet110": "resnet110-1d1ed7c2.th",
+    # ResNet-56 fine-tuned with AugMix + JSD on CIFAR-10-JPEG (../shared/tools/finetune_augmix.py):
+    # corruption-robust, the offline stand-in for a large pretrained foundation. Not published.
+    "resnet56_augmix": "resnet56_augmix-81241016.th",
 }
+# Weights that exist only where someone made them: no URL to download from.
+_LOCAL_ONLY = {"resnet56_augmix": "make it with tools/finetune_augmix.py (see ../shared/data/README.md)"}
+# A pretrained name whose architecture is another registered name.
+_ARCH_OF = {"resnet56_augmix": 56}
 
 
 def register_model(name: str):
@@ -85,8 +92,8 @@ class NormalizedModel(nn.Module):
         return self.backbone(self.normalize(x))
 
 
-def _cifar_resnet_builder(depth: int):
-    name = f"resnet{depth}"
+def _cifar_resnet_builder(depth: int, name: str | None = None):
+    name = name or f"resnet{depth}"
 
     def build(num_classes: int = 10, in_chans: int = 3, pretrained: bool = False,
               weights_dir: str | None = None) -> NormalizedModel:
@@ -104,6 +111,8 @@ def _cifar_resnet_builder(depth: int):
 for _depth in (20, 32, 44, 56, 110):
     _name, _build = _cifar_resnet_builder(_depth)
     register_model(_name)(_build)
+for _name, _depth in _ARCH_OF.items():
+    register_model(_name)(_cifar_resnet_builder(_depth, _name)[1])
 
 
 def pretrained_path(name: str, weights_dir: str | None = None) -> Path:
@@ -115,6 +124,11 @@ def pretrained_path(name: str, weights_dir: str | None = None) -> Path:
     for path in candidates:
         if path.is_file():
             return path
+    if name in _LOCAL_ONLY:
+        looked = ", ".join(str(p) for p in candidates)
+        raise FileNotFoundError(f"pretrained weights for {name} not found (looked at {looked}); they are not "
+                                f"published: {_LOCAL_ONLY[name]}, put {fname} in a directory and set "
+                                "TDMR_WEIGHTS to it")
     target = hub_dir / fname
     target.parent.mkdir(parents=True, exist_ok=True)
     try:

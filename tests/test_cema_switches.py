@@ -1,0 +1,206 @@
+"""CEMA's cloud rules that decide accuracy in long streams, and the switches beyond the paper:
+replay and replay-only steps, the statistics each model moves in each step, no state shared
+between runs, replay_capacity=0, one E_max, device statistics, shift detection and resets,
+the pull toward the source parameters, and the RDumb edge baseline."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tdmr_ray.cema import CEMAConfig, CloudAdapter, EdgeRunner, UploadMessage, method_config, run_stream
+from tdmr_ray.cema.norm import read_tbr_stats
+from tdmr_ray.cema.shift import ShiftState, observe
+from tdmr_ray.cema.simulate import make_edge_runner
+from tdmr_ray.models import create_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("resnet20")  # random weights: mechanics, not accuracy
+
+
+def cfg_with(method="cema", **sections):
+    cfg = method_config(method)
+    for section, values in sections.items():
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+    return cfg
+
+
+def images(n, seed, shift=0.0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 200, (n, 32, 32, 3)).astype(np.float32) + shift
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def upload(n, seed, device="d", **kw):
+    return UploadMessage(device, images(n, seed), 0, **kw)
+
+
+def small(**cloud):
+    base = dict(batch_size=4, replay_min=16, replay_ratio=3, replay_only_multiple=4)
+    return {**base, **cloud}
+
+
+def test_replay_and_replay_only_steps_run_in_a_stream(model):
+    """A stream long enough for replay: steps draw from the buffer, and batches that complete no
+    new cloud batch still distil (replay-only steps), as the reference."""
+    cfg = cfg_with("upload_all", cloud=small())
+    cloud = CloudAdapter(model, model, cfg)
+    sizes = []
+    cloud.edge.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    for i in range(6):
+        cloud.process(upload(4, i))  # 4 = one batch each: replay starts at 16 buffered
+    for i in range(3):
+        cloud.process(upload(2, 10 + i))  # half batches: every other call is replay-only
+    ks = cloud.keys["d"]
+    assert sizes[:4] == [4, 4, 4, 16] and sizes[4:6] == [16, 16]
+    assert ks.replay_only_steps == 2 and ks.steps == 9  # 6 + one completed by two halves + 2 replay-only
+
+
+def test_foundation_statistics_move_in_step_1_and_stay_frozen_in_step_2(model):
+    cfg = cfg_with("upload_all", cloud=small())
+    cloud = CloudAdapter(model, model, cfg)
+    seen = []
+
+    def record(mod, args):  # the foundation's first layer: is it updating statistics?
+        seen.append(mod.training)
+    next(m for m in cloud.foundation.modules() if hasattr(m, "stats_started")).register_forward_pre_hook(record)
+    for i in range(5):
+        cloud.process(upload(4, i))
+    # per step: step 1 (adaptation, statistics move), then step 2 (teacher, frozen)
+    assert seen == [True, False] * 5
+    before = {k: v.clone() for k, v in cloud.keys["d"].foundation.stats.items()}
+    cloud.predict("d", images(8, 99))
+    assert all(torch.equal(before[k], v) for k, v in cloud.keys["d"].foundation.stats.items())
+
+
+def test_reset_runs_share_no_state(model):
+    """Two runs of the same stream from a fresh start give identical results: nothing carries over."""
+    stream = [(images(16, i), np.zeros(16, dtype=np.int64), "a") for i in range(8)]
+    cfg = cfg_with("cema", cloud=small(), filter={"warmup_samples": 32, "redundancy_margin": 1.01,
+                                                  "e_max_frac": 2.0, "e_min_frac": 0.0})
+    first = run_stream("cema", model, model, stream, cfg)
+    again = run_stream("cema", model, model, stream, cfg)
+    assert first.batch_correct == again.batch_correct
+    assert first.accounting == again.accounting and first.cloud == again.cloud
+    assert first.cloud["steps"] > 0
+
+
+def test_replay_capacity_zero_means_no_replay(model):
+    cloud = CloudAdapter(model, model, cfg_with("upload_all", cloud=small(replay_capacity=0)))
+    sizes = []
+    cloud.edge.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    for i in range(10):
+        cloud.process(upload(4, i))
+    assert len(cloud.keys["d"].replay) == 0 and sizes == [4] * 10
+    with pytest.raises(ValueError, match="replay_capacity"):
+        CloudAdapter(model, model, cfg_with("cema", cloud={"replay_capacity": -1}))
+
+
+def test_one_e_max_for_filter_and_loss_unless_set_apart(model):
+    tied = CloudAdapter(model, model, cfg_with("cema", filter={"e_max_frac": 0.3}))
+    assert tied.e_max == pytest.approx(0.3 * math.log(10))
+    apart = CloudAdapter(model, model, cfg_with("cema", filter={"e_max_frac": 0.3}, cloud={"e_max_frac": 0.5}))
+    assert apart.e_max == pytest.approx(0.5 * math.log(10))
+
+
+def test_device_statistics_travel_with_uploads_and_the_cloud_distils_under_them(model):
+    cfg = cfg_with("cema", edge={"stats_source": "upload"}, cloud=small(), filter={"redundancy": False,
+                                                                                   "low_info": False, "unreliable": False})
+    edge = EdgeRunner(model, cfg)
+    state = edge.new_device("d")
+    cloud = CloudAdapter(model, model, cfg)
+    for i in range(3):
+        out = edge.infer(state, images(8, i))
+        assert out.upload.stats is not None and out.upload.nbytes > out.upload.images.nbytes
+        update = cloud.process(out.upload)
+    # the cloud copy holds exactly the device's statistics (not moved by the distillation step)
+    for k, v in state.stats.items():
+        assert torch.equal(cloud.keys["d"].edge.stats[k], v), k
+    assert update is not None and update.stats is None  # updates carry affine parameters only
+    bad = dict(state.stats)
+    bad.pop(next(iter(bad)))
+    with pytest.raises(ValueError, match="statistics"):
+        cloud.process(dataclasses.replace(out.upload, stats=bad))
+
+
+def test_shift_detector_fires_on_a_statistics_jump_and_not_within_a_domain():
+    cfg = CEMAConfig().shift
+    state = ShiftState()
+    rng = torch.Generator().manual_seed(0)
+    fired = []
+    for t in range(40):
+        mean = torch.zeros(16) + 0.02 * torch.randn(16, generator=rng) + (2.0 if t >= 25 else 0.0)
+        var = torch.ones(16) + 0.02 * torch.rand(16, generator=rng)
+        fired.append(observe(state, mean, var, 64, cfg)[0])
+    assert [t for t, f in enumerate(fired) if f] == [25] and state.epoch == 1
+
+
+def test_detected_shift_resets_edge_and_cloud_parts(model):
+    cfg = cfg_with("upload_all", cloud=small(), shift={"detect": "oracle", "reset": ["filter", "replay",
+                                                                                     "foundation_stats", "edge_affine"]})
+    edge = EdgeRunner(model, cfg)
+    cloud = CloudAdapter(model, model, cfg)
+    state = edge.new_device("d")
+    for i in range(8):
+        out = edge.infer(state, images(8, i))
+        update = cloud.process(out.upload)
+        state.offer(update) if update else None
+    ks = cloud.keys["d"]
+    assert len(ks.replay) == 64 and state.version > 0
+    out = edge.infer(state, images(8, 50, shift=40), shift=True)
+    assert out.shifted and out.upload.shift_epoch == 1
+    assert state.filter.n_seen == 8  # restarted: only this batch
+    assert all(torch.equal(state.affine[k], edge.initial_affine[k]) for k in state.affine)
+    cloud.process(out.upload)
+    assert ks.shift_resets == 1 and len(ks.replay) == 8  # only the new upload
+    assert all(torch.equal(ks.edge.affine[k], cloud._e_init[k]) for k in ks.edge.affine) or ks.steps > 8
+    # the same epoch again does not reset twice
+    cloud.process(dataclasses.replace(out.upload, seq=99))
+    assert ks.shift_resets == 1
+
+
+def test_source_pull_keeps_parameters_near_the_source(model):
+    far, near = [], []
+    for pull, out in ((0.0, far), (0.5, near)):
+        cloud = CloudAdapter(model, model, cfg_with("upload_all", cloud=small(source_pull=pull, edge_lr=0.05)))
+        for i in range(10):
+            cloud.process(upload(4, i))
+        ks = cloud.keys["d"]
+        out.append(sum(float((ks.edge.affine[k] - cloud._e_init[k]).norm()) for k in ks.edge.affine))
+    assert near[0] < 0.5 * far[0]
+
+
+def test_rdumb_adapts_on_the_edge_and_resets_on_schedule(model):
+    cfg = cfg_with("rdumb", tent={"reset_every": 3, "lr": 0.01}, filter={"e_max_frac": 1.0, "redundancy_margin": 1.01})
+    runner = make_edge_runner("rdumb", model, cfg)
+    state = runner.new_device("d")
+    moved = []
+    for i in range(4):
+        runner.infer(state, images(16, i))
+        moved.append(any(not torch.equal(state.affine[k], runner.initial_affine[k]) for k in state.affine))
+    assert moved[:3] == [True, True, True]
+    # batch 4 starts from the deployed parameters again (one step since the reset)
+    drift3 = sum(float((state.affine[k] - runner.initial_affine[k]).norm()) for k in state.affine)
+    assert moved[3] and drift3 > 0
+    assert state.momentum  # the step after the reset rebuilt the momentum
+
+
+def test_unknown_switch_values_are_refused(model):
+    with pytest.raises(ValueError, match="stats_source"):
+        EdgeRunner(model, cfg_with("cema", edge={"stats_source": "nowhere"}))
+    with pytest.raises(ValueError, match="shift.reset"):
+        CloudAdapter(model, model, cfg_with("cema", shift={"reset": ["everything"]}))
