@@ -219,7 +219,7 @@ class EdgeRunner:
         ``shift`` announces a shift at this batch (used with ``shift.detect="oracle"`` only)."""
         state.apply_pending()
         x = images_to_input(images)
-        before = None if state.stats is None else state.stats
+        before = state.stats  # forward() replaces the dict, so this keeps the pre-batch statistics
         logits = self.forward(state, x)
         shifted = False
         if self.cfg.shift.detect == "oracle":
