@@ -1,15 +1,22 @@
-"""Fleet benchmark: 64 / 256 / 1024 simulated devices on this machine, side by side with a
-single-process loop (no Ray) doing the same edge forwards and filtering.
+"""Fleet benchmark: the cloud side's throughput, the lift a fleet gets, and fleet sizes, side by side.
 
-Per fleet size, three runs back to back:
-1. the full CEMA fleet (device hosts + cloud adapter): fleet inference samples/s, adapter
-   updates/s, upload->applied latency (p50/p99), resident memory of the hosts and the adapter;
-2. the same fleet with uploads off (hosts only, one per CPU): the edge side alone;
-3. the single-process loop over the same devices and batches, with 1 torch thread and with one
-   thread per host of run 2; its better figure is the baseline. Ratio = run 2 / run 3 (Ray around
-   the same edge work on the same cores, against the best a plain loop does there).
-Memory per device is the growth of the hosts' resident memory from the smallest to the largest
-fleet per added device, and the size of a device's checkpointed state. Writes bench/results/fleet.{json,md}.
+Parts (``--parts``, all by default), each a table in bench/results/fleet.{json,md}:
+
+1. ``adapter``: the same work (uploads of 32 samples spread over keys of both shards) through
+   CEMA's cloud steps in one process without Ray (the limit), one adapter shard and two shards
+   (actors with 1 CPU each). Samples processed per second and CPU-seconds per processed sample
+   (the adapters' whole processes): on a 2-core machine two shards cannot double the rate, but the
+   CPU cost per sample must not rise with shards.
+2. ``lift``: the quickstart's fleet (``--preset quick``: 256 devices, 3 batches of 64, 3 corruption
+   groups, robust foundation) keyed by group and by device: treatment - control accuracy with its
+   95% interval, overall and per group, refused and unsent shares of the candidate uploads,
+   upload->applied latency, adapter throughput; and a third run keyed by group whose devices run
+   one batch every ``--paced-interval-s`` seconds (a camera's pace) instead of as fast as one host
+   core allows, so the candidates they produce fit the cloud's capacity.
+3. ``sizes``: 64 / 256 / 1,024 devices: the full fleet, the same fleet with uploads off (hosts
+   only, one per CPU) and a single-process loop over the same edge forwards (no Ray, best of 1
+   thread and one thread per host). Ratio = edge-only fleet / single process; resident memory of
+   every Ray process of the fleet; memory per added device.
 
     TDMR_DATA=../shared/data TDMR_WEIGHTS=../shared/weights/cifar10-resnet python bench/fleet.py
 """
@@ -28,18 +35,117 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from tdmr_ray.cema import make_edge_runner, method_config  # noqa: E402
-from tdmr_ray.fleet import FleetConfig, run_fleet  # noqa: E402
+from tdmr_ray.cema import CloudAdapter, UploadMessage, make_edge_runner, method_config  # noqa: E402
+from tdmr_ray.fleet import FLEET_PRESETS, CloudAdapterActor, FleetConfig, run_fleet  # noqa: E402
+from tdmr_ray.fleet.adapter import shard_of  # noqa: E402
 from tdmr_ray.fleet.streams import DeviceStream, build_pool, device_id  # noqa: E402
 from tdmr_ray.models import create_model  # noqa: E402
-from tdmr_ray.runtime import JobRun  # noqa: E402
+from tdmr_ray.runtime import JobRun, resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# -- part 1: adapter throughput --------------------------------------------------------------------
+def balanced_keys(per_shard: int, shards: int = 2) -> list[str]:
+    """Key names with ``per_shard`` keys on each of ``shards`` shards."""
+    keys, i = {s: [] for s in range(shards)}, 0
+    while any(len(v) < per_shard for v in keys.values()):
+        name = f"key-{i}"
+        if len(keys[shard_of(name, shards)]) < per_shard:
+            keys[shard_of(name, shards)].append(name)
+        i += 1
+    return [k for s in range(shards) for k in keys[s]]
+
+
+def adapter_work(pools: dict, uploads: int, keys: list[str]) -> list[tuple[str, UploadMessage]]:
+    rng = np.random.default_rng(0)
+    groups = list(pools)
+    work = []
+    for i in range(uploads):
+        key = keys[i % len(keys)]
+        images, _ = pools[groups[i % len(groups)]]
+        idx = rng.choice(len(images), 32, replace=False)
+        work.append((key, UploadMessage(f"dev-{i % 64}", images[idx], 0, np.zeros(32, np.float32), seq=i)))
+    return work
+
+
+def adapter_in_process(cfg: FleetConfig, work) -> dict:
+    torch.set_num_threads(1)
+    core = CloudAdapter(resolve_model(cfg.foundation), resolve_model(cfg.edge), method_config(cfg.method, cfg.cema))
+    wall, cpu = time.perf_counter(), time.process_time()
+    for key, msg in work:
+        core.process(msg, key, replay_only=False)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    n = sum(len(m) for _, m in work)
+    return {"variant": "in-process CloudAdapter (no Ray)", "samples": n, "seconds": round(wall, 2),
+            "samples_per_s": round(n / wall, 1), "cpu_s_per_sample": round(cpu / n, 4)}
+
+
+def adapter_shards(cfg: FleetConfig, work, shards: int, tmp: Path) -> dict:
+    cls = ray.remote(CloudAdapterActor)
+    actors = [cls.options(num_cpus=1, max_concurrency=4).remote(cfg, str(tmp / f"shards{shards}"), "x@v1", i, shards)
+              for i in range(shards)]
+    ray.get([a.stats.remote() for a in actors])  # models loaded
+    start = time.perf_counter()
+    replies = ray.get([actors[shard_of(k, shards)].upload.remote(m, k, time.time()) for k, m in work])
+    stats = ray.get([a.drain.remote() for a in actors])
+    wall = time.perf_counter() - start
+    for a in actors:
+        ray.kill(a)
+    n = sum(s["processed_samples"] for s in stats)
+    assert all(r["status"] == "ok" for r in replies) and n == sum(len(m) for _, m in work)
+    return {"variant": f"{shards} adapter shard(s), 1 CPU each", "samples": n, "seconds": round(wall, 2),
+            "samples_per_s": round(n / wall, 1),
+            "cpu_s_per_sample": round(sum(s["cpu_s"] for s in stats) / n, 4),
+            "per_shard_samples": [s["processed_samples"] for s in stats]}
+
+
+def part_adapter(args, tmp: Path) -> list[dict]:
+    cfg = FleetConfig(storage=str(tmp / "store"), run_name="benchadapter", checkpoint_every_s=1e9,
+                      adapter_queue_samples=10**6)
+    pools = {c: build_pool("cifar10-jpeg", c, 5, 500, 0) for c in cfg.corruptions}
+    work = adapter_work(pools, args.adapter_uploads, balanced_keys(3))
+    rows = [adapter_in_process(cfg, work)]
+    rows += [adapter_shards(cfg, work, s, tmp) for s in (1, 2)]
+    for r in rows:
+        r["ratio_to_in_process"] = round(r["samples_per_s"] / rows[0]["samples_per_s"], 3)
+    return rows
+
+
+# -- part 2: the lift of the quickstart's fleet -------------------------------------------------------
+def fleet_run(tmp: Path, tag: str, **settings) -> dict:
+    cfg = FleetConfig(output_dir=str(tmp / f"fleet-{tag}"), storage=str(tmp / "store"), run_name=f"bench{tag}",
+                      plot=False, **settings)
+    metrics, _ = run_fleet(cfg, JobRun("bench-fleet", cfg))
+    return metrics
+
+
+def part_lift(args, tmp: Path) -> list[dict]:
+    rows = []
+    runs = [(key_by, 0.0) for key_by in args.key_by] + [("group", args.paced_interval_s)] * bool(args.paced_interval_s)
+    for key_by, interval in runs:
+        m = fleet_run(tmp, f"lift{key_by}{int(interval)}", key_by=key_by, seed=args.seed, device_interval_s=interval,
+                      **FLEET_PRESETS["quick"])
+        lift = m["lift"]
+        rows.append({"key_by": key_by, "device_interval_s": interval, "accuracy": m["accuracy"], "treatment": lift["treatment_accuracy"],
+                     "control": lift["control_accuracy"], "lift": lift["lift"], "lift_ci95": lift["ci95"],
+                     "lift_by_group": {g: [v["lift"], v["ci95"]] for g, v in m["lift_by_group"].items()},
+                     "candidate_fraction": m["upload_fraction"], "sent_fraction": m["sent_fraction"],
+                     "refused_fraction": m["refused_fraction"],
+                     "unsent_fraction": round(m["refused_or_unsent_fraction"] - m["refused_fraction"], 4),
+                     "apply_latency_p50_s": m["apply_latency_s"]["p50"],
+                     "apply_latency_p99_s": m["apply_latency_s"]["p99"],
+                     "adapter_samples_per_s": m["adapter_samples_per_s"],
+                     "adapter_cpu_s_per_sample": m["adapter_cpu_s_per_sample"],
+                     "fleet_samples_per_s": m["samples_per_s"], "stream_seconds": m["stream_seconds"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# -- part 3: fleet sizes ----------------------------------------------------------------------------------
 def single_process_loop(devices: int, batches: int, batch_size: int, pool, threads: int, method: str,
-                        max_seconds: float = 60.0) -> dict:
-    """The same edge forwards and filtering as the fleet's hosts, in one process, no Ray."""
+                        max_seconds: float = 60.0) -> float:
+    """Samples/s of the same edge forwards and filtering as the fleet's hosts, one process, no Ray."""
     torch.set_num_threads(threads)
     runner = make_edge_runner(method, create_model("resnet20", pretrained=True), method_config(method))
     images, _ = pool
@@ -52,88 +158,83 @@ def single_process_loop(devices: int, batches: int, batch_size: int, pool, threa
             runner.infer(states[d], images[order[d].indices(b)])
             done += 1
             if time.perf_counter() - start > max_seconds:  # the rate is steady: a sample of it will do
-                break
-        else:
-            continue
-        break
-    seconds = time.perf_counter() - start
-    return {"samples_per_s": round(done * batch_size / seconds, 1), "seconds": round(seconds, 2)}
+                return done * batch_size / (time.perf_counter() - start)
+    return done * batch_size / (time.perf_counter() - start)
 
 
-def run_size(devices: int, batches: int, args, tmp: Path, uploads: bool = True, hosts: int = 0) -> dict:
-    tag = f"{devices}-{'full' if uploads else 'edge'}"
-    cfg = FleetConfig(devices=devices, batches_per_device=batches, pool_size=args.pool_size, method=args.method,
-                      corruptions=args.corruptions, output_dir=str(tmp / f"fleet-{tag}"),
-                      storage=str(tmp / "store"), run_name=f"bench{tag}", plot=False, uploads=uploads, hosts=hosts,
-                      checkpoint_every_s=args.checkpoint_every_s)
-    run = JobRun("bench-fleet", cfg)
-    metrics, _ = run_fleet(cfg, run)
-    rss = metrics["hosts_rss_bytes"] + metrics.get("adapter", {}).get("rss_bytes", 0)
-    state_bytes = per_device_state_bytes(Path(metrics["run_store"]), devices)
-    return {"devices": devices, "batches_per_device": batches, "samples": metrics["samples"],
-            "fleet_samples_per_s": metrics["samples_per_s"], "accuracy": metrics["accuracy"],
-            "upload_fraction": metrics["upload_fraction"],
-            "adapter_updates_per_s": metrics.get("adapter_updates_per_s"),
-            "apply_latency_p50_s": metrics["apply_latency_s"]["p50"],
-            "apply_latency_p99_s": metrics["apply_latency_s"]["p99"],
-            "dropped_busy": metrics["host"]["busy"], "acked": metrics["host"]["acked"],
-            "hosts": len(list((Path(metrics["run_store"]) / "hosts").glob("host-*.safetensors"))),
-            "hosts_rss_bytes": metrics["hosts_rss_bytes"], "fleet_rss_gib": round(rss / 2**30, 2),
-            "device_state_kib": round(state_bytes / 1024, 1)}
-
-
-def per_device_state_bytes(run_dir: Path, devices: int) -> float:
-    files = list((run_dir / "hosts").glob("host-*.safetensors"))
-    return sum(f.stat().st_size for f in files) / max(devices, 1)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
-    p.add_argument("--batches-per-device", type=int, default=2)
-    p.add_argument("--pool-size", type=int, default=1000)
-    p.add_argument("--corruptions", nargs="+", default=["gaussian_noise", "defocus_blur", "fog"])
-    p.add_argument("--method", default="cema")
-    p.add_argument("--checkpoint-every-s", type=float, default=30.0)
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    ray.init(include_dashboard=False, log_to_driver=False)
-    cpus = int(ray.cluster_resources()["CPU"])
-    pool = build_pool("cifar10-jpeg", args.corruptions[0], 5, args.pool_size, 0)
+def part_sizes(args, tmp: Path, cpus: int) -> list[dict]:
+    pool = build_pool("cifar10-jpeg", "gaussian_noise", 5, 1000, 0)
     rows = []
-    batches = args.batches_per_device
-    with tempfile.TemporaryDirectory() as tmp:
-        for devices in args.sizes:
-            row = run_size(devices, batches, args, Path(tmp))
-            edge = run_size(devices, batches, args, Path(tmp), uploads=False, hosts=cpus)
-            # The loop gets the same cores: its best of 1 thread and one thread per host.
-            singles = {t: single_process_loop(devices, batches, 64, pool, t, args.method)["samples_per_s"]
-                       for t in sorted({1, edge["hosts"]})}
-            row["edge_only_fleet_samples_per_s"] = edge["fleet_samples_per_s"]
-            row["edge_only_hosts"] = edge["hosts"]
-            row["single_process_samples_per_s_by_threads"] = singles
-            row["single_process_samples_per_s"] = max(singles.values())
-            row["ratio_fleet_to_single_process"] = round(edge["fleet_samples_per_s"] / max(singles.values()), 3)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    ray.shutdown()
+    for devices in args.sizes:
+        common = dict(devices=devices, batches_per_device=args.batches_per_device, pool_size=1000)
+        full = fleet_run(tmp, f"{devices}full", **common)
+        edge = fleet_run(tmp, f"{devices}edge", uploads=False, hosts=cpus, **common)
+        hosts = len(list((Path(edge["run_store"]) / "hosts").glob("host-*.safetensors")))
+        single = max(single_process_loop(devices, args.batches_per_device, 64, pool, t, "cema_plus")
+                     for t in sorted({1, hosts}))
+        rss = full["hosts_rss_bytes"] + full.get("adapter", {}).get("rss_bytes", 0)
+        state = sum(f.stat().st_size for f in (Path(full["run_store"]) / "hosts").glob("*.safetensors")) / devices
+        rows.append({"devices": devices, "fleet_samples_per_s": full["samples_per_s"],
+                     "edge_only_samples_per_s": edge["samples_per_s"], "single_process_samples_per_s": round(single, 1),
+                     "ratio_edge_only_to_single_process": round(edge["samples_per_s"] / single, 3),
+                     "lift": full["lift"]["lift"], "refused_fraction": full["refused_fraction"],
+                     "apply_latency_p50_s": full["apply_latency_s"]["p50"],
+                     "fleet_rss_gib": round(rss / 2**30, 2), "hosts_rss_bytes": full["hosts_rss_bytes"],
+                     "device_state_kib": round(state / 1024, 1)})
+        print(json.dumps(rows[-1]), flush=True)
     if len(rows) > 1:
         growth = (rows[-1]["hosts_rss_bytes"] - rows[0]["hosts_rss_bytes"]) / (rows[-1]["devices"] - rows[0]["devices"])
         for r in rows:
             r["rss_per_added_device_kib"] = round(growth / 1024, 1)
-    result = {"machine": {"cpus": cpus}, "method": args.method, "batches_per_device": batches, "rows": rows,
-              "command": "python bench/fleet.py " + " ".join(argv or sys.argv[1:])}
+    return rows
+
+
+def table(rows: list[dict], cols: list[str]) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
+           ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", default=["adapter", "lift", "sizes"], choices=["adapter", "lift", "sizes"])
+    p.add_argument("--adapter-uploads", type=int, default=48)
+    p.add_argument("--key-by", nargs="+", default=["group", "device"])
+    p.add_argument("--paced-interval-s", type=float, default=180.0,
+                   help="a third lift run whose devices run one batch per this many seconds (0: none)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--batches-per-device", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="suffix of the result files (fleet<tag>.json/md)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    cpus = int(ray.cluster_resources()["CPU"])
+    result = {"machine": {"cpus": cpus}, "command": "python bench/fleet.py " + " ".join(argv or sys.argv[1:])}
+    lines = [f"Fleet benchmark ({cpus} CPUs). Command: `{result['command']}`", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        if "adapter" in args.parts:
+            result["adapter"] = part_adapter(args, Path(tmp))
+            lines += ["Adapter throughput (same uploads; cloud steps only):", ""]
+            lines += table(result["adapter"], ["variant", "samples", "seconds", "samples_per_s", "ratio_to_in_process",
+                                               "cpu_s_per_sample", "per_shard_samples"]) + [""]
+        if "lift" in args.parts:
+            result["lift"] = part_lift(args, Path(tmp))
+            lines += ["Lift of the quickstart's fleet (256 devices, 3 batches, treatment - control):", ""]
+            lines += table(result["lift"], ["key_by", "device_interval_s", "accuracy", "treatment", "control", "lift", "lift_ci95",
+                                            "lift_by_group", "candidate_fraction", "sent_fraction", "refused_fraction",
+                                            "unsent_fraction", "apply_latency_p50_s", "apply_latency_p99_s",
+                                            "adapter_samples_per_s", "adapter_cpu_s_per_sample"]) + [""]
+        if "sizes" in args.parts:
+            result["sizes"] = part_sizes(args, Path(tmp), cpus)
+            lines += [f"Fleet sizes ({args.batches_per_device} batches of 64 per device):", ""]
+            lines += table(result["sizes"], ["devices", "fleet_samples_per_s", "edge_only_samples_per_s",
+                                             "single_process_samples_per_s", "ratio_edge_only_to_single_process",
+                                             "lift", "refused_fraction", "apply_latency_p50_s", "fleet_rss_gib",
+                                             "rss_per_added_device_kib", "device_state_kib"]) + [""]
+    ray.shutdown()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "fleet.json").write_text(json.dumps(result, indent=1))
-    cols = ["devices", "samples", "fleet_samples_per_s", "edge_only_fleet_samples_per_s", "edge_only_hosts",
-            "single_process_samples_per_s", "ratio_fleet_to_single_process", "adapter_updates_per_s",
-            "apply_latency_p50_s", "apply_latency_p99_s", "fleet_rss_gib", "rss_per_added_device_kib",
-            "device_state_kib", "upload_fraction", "dropped_busy"]
-    lines = [f"Fleet benchmark ({cpus} CPUs; full fleet: hosts + 1-CPU adapter; method {args.method}; "
-             f"{batches} batches of 64 per device). Command: `{result['command']}`", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    (args.out_dir / "fleet.md").write_text("\n".join(lines) + "\n")
+    (args.out_dir / f"fleet{args.tag}.json").write_text(json.dumps(result, indent=1))
+    (args.out_dir / f"fleet{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

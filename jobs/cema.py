@@ -35,12 +35,12 @@ def main(argv=None) -> dict:
         headline["lift vs control (points, 95% CI)"] = (
             f"{100 * lift['lift']:+.2f} [{100 * lift['ci95'][0]:+.2f}, {100 * lift['ci95'][1]:+.2f}] "
             f"({lift['treatment_devices']} treatment / {lift['control_devices']} control devices)")
-    host = metrics["host"]
-    if host.get("sent"):
-        headline["refused or dropped uploads"] = (
-            f"{100 * (host['busy'] + host['dropped_in_flight']) / max(host['sent'] + host['dropped_in_flight'], 1):.1f}%")
     if "adapter" in metrics:
-        headline["adapter updates/s"] = metrics["adapter_updates_per_s"]
+        headline["refused / unsent candidate uploads"] = (
+            f"{100 * metrics['refused_fraction']:.1f}% / "
+            f"{100 * (metrics['refused_or_unsent_fraction'] - metrics['refused_fraction']):.1f}% "
+            f"(sent {100 * metrics['sent_fraction']:.1f}% of samples)")
+        headline["adapter samples/s (updates/s)"] = f"{metrics['adapter_samples_per_s']} ({metrics['adapter_updates_per_s']})"
         headline["upload->applied latency p50/p99 (s)"] = \
             f"{metrics['apply_latency_s']['p50']} / {metrics['apply_latency_s']['p99']}"
     return run.finish(metrics, headline, registry_version=f"{prefix}*")

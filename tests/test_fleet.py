@@ -31,7 +31,7 @@ def check_books(summary, tmp_path, name, devices=12, batches=4, batch=32, restar
     assert m["devices"] == devices and m["samples"] == devices * batches * batch  # every batch ran exactly once
     host, adapter = m["host"], m["adapter"]
     assert host["sent"] == host["acked"] + host["busy"] + host["rejected"] + host["send_failed"]
-    assert m["uploaded"] == host["sent"] + host["dropped_in_flight"]
+    assert m["uploaded"] == host["sent"] + host["dropped_in_flight"] + host["unsent"]  # every candidate counted
     assert adapter["acked_samples"] == adapter["processed_samples"] and adapter["acked_not_processed"] == 0
     assert read_uploads(m["run_store"]).num_rows == adapter["acked_samples"]  # the Parquet log holds them all
     if not restarted:  # a restarted host re-runs its last round; re-sent uploads are deduplicated
@@ -56,6 +56,22 @@ def test_fleet_end_to_end(ray_session, tmp_path):
     registry = Registry.for_storage(str(tmp_path / "store"))
     params, meta = registry.load_tensors("edge-e2e-fog")
     assert meta["kind"] == "edge-params" and meta["base"] == "e2e-edge@v1" and params
+
+
+def test_fleet_with_two_adapter_shards(ray_session, tmp_path):
+    """Keys spread over two shards: each takes its own uploads, logs and checkpoints them, and the
+    devices of both shards' keys apply its versions."""
+    # the two groups' keys hash to different shards (sha1: defocus_blur -> 0, gaussian_noise -> 1)
+    summary = run_cema(tmp_path, "shards", "--adapters", "2", "--corruptions", "gaussian_noise,defocus_blur")
+    m = check_books(summary, tmp_path, "shards")
+    shards = m["adapter"]["shards"]
+    assert [s["shard"] for s in shards] == [0, 1]
+    assert all(s["acked_samples"] > 0 and s["acked_samples"] == s["processed_samples"] for s in shards)
+    assert m["devices_on_newest_version"] == 12 - m["lift"]["control_devices"]
+    logged = read_uploads(m["run_store"])
+    assert sorted(set(logged["shard"].to_pylist())) == [0, 1]
+    for shard in (0, 1):
+        assert read_uploads(m["run_store"], shard=shard).num_rows == shards[shard]["acked_samples"]
 
 
 def _kill_when(name_part, trigger, killed):

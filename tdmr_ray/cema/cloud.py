@@ -114,10 +114,14 @@ class CloudAdapter:
         if upload.stats is not None:
             check_tbr_stats(self._stats_reference, upload.stats)
 
-    def process(self, upload: UploadMessage, key: str | None = None) -> UpdateMessage | None:
+    def process(self, upload: UploadMessage, key: str | None = None, replay_only: bool = True) -> UpdateMessage | None:
         """Take one upload (the edge's selection from one batch, maybe empty) for ``key``
         (default: its device id); run the cloud steps it completes; return the newest update,
-        or None when no step ran. Malformed uploads raise ValueError and change nothing."""
+        or None when no step ran. Malformed uploads raise ValueError and change nothing.
+
+        ``replay_only=False`` skips the replay-only step of an upload that completes no batch
+        (the fleet's adapter, whose queue holds more uploads of the key: their samples complete
+        the batch, and a replay-only step would only spend the cloud's time)."""
         try:
             self.validate(upload)
         except ValueError:
@@ -128,7 +132,7 @@ class CloudAdapter:
         self._maybe_shift_reset(ks, upload)
         if upload.stats is not None and self.device_stats:
             ks.edge.stats = {k: v.to(self.device, copy=True) for k, v in upload.stats.items()}
-        new = torch.from_numpy(upload.images).to(self.device)
+        new = torch.tensor(upload.images, device=self.device)  # a copy: Ray hands read-only arrays
         ks.samples_received += len(new)
         # As the reference: uploads enter the replay buffer when they arrive.
         capacity = self.cfg.cloud.replay_capacity
@@ -141,7 +145,7 @@ class CloudAdapter:
             self._step(ks, ks.pending[:batch])
             ks.pending = ks.pending[batch:]
             stepped = True
-        if not stepped and self.cfg.cloud.replay_only_steps and len(ks.replay) > self.cfg.cloud.replay_min:
+        if not stepped and replay_only and self.cfg.cloud.replay_only_steps and len(ks.replay) > self.cfg.cloud.replay_min:
             self._step(ks, None)
             stepped = True
         return self.update_for(key or upload.device_id) if stepped else None

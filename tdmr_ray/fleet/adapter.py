@@ -1,24 +1,41 @@
-"""The cloud adapter actor: one per fleet, serving every device host.
+"""The cloud adapter actor: one shard of the fleet's cloud side, owning a set of keys.
 
-``upload`` is quick: it validates, writes the samples to the write-ahead log (a Parquet part per
-upload, under ``uploads/`` of the run's store on the job's storage, local or S3; compacted into segments at each checkpoint), queues them and
-acknowledges. A worker thread takes queued uploads in order, runs CEMA's cloud steps
-(:class:`tdmr_ray.cema.CloudAdapter`) and publishes each new parameter version to the registry
-(``edge-<run>-<key>``), where devices and Serve pick it up.
+Keys (groups or devices) are spread over ``--adapters`` shards by a stable hash
+(:func:`shard_of`); hosts send each upload to its key's shard.
 
-Durability: an acknowledged upload is on disk. The adapter state is checkpointed to the registry
-(``cema-adapter-<run>``) every ``checkpoint_every_s`` with the last WAL sequence it includes; after
-a restart the actor loads that checkpoint and re-queues the logged uploads after it, so no
-acknowledged sample is lost. Uploads are deduplicated by (device, batch) because Ray retries calls
-that were in flight when the actor died. Backpressure: when ``adapter_queue_samples`` are waiting,
-``upload`` answers ``busy`` and logs nothing; the device drops the sample and keeps inferring.
+``upload`` is quick: it validates, writes the samples to the shard's write-ahead log (a Parquet
+part per upload under ``uploads/`` of the run's store, local or S3; compacted into segments at each
+checkpoint), queues them on the key's queue and acknowledges. A worker thread serves the keys'
+queues round-robin (fair share: one busy group cannot starve another), takes up to
+``coalesce`` cloud batches of one key at a time, runs CEMA's cloud steps
+(:class:`tdmr_ray.cema.CloudAdapter`; no replay-only step while uploads wait) and publishes the
+newest parameters once per turn to the registry (``edge-<run>-<key>``, what Serve reads) and to the
+shard's *version board*, which hosts read with :meth:`CloudAdapterActor.poll` between device
+batches: new versions reach devices without any registry polling.
+
+Capacity: the shard measures how many samples per busy second its steps process and advertises
+a rate per key (in every acknowledgement and poll): its capacity split over the active keys,
+scaled up when the key's queue is short and down when it is long. Hosts spend it as a token
+bucket: a device sends its lowest-entropy candidates within the budget and never sends the rest
+(counted as unsent), instead of sending them to be refused. Uploads beyond a key's queue share
+are still refused ("busy", counted).
+
+Durability: an acknowledged upload is in the log. The state is checkpointed to the registry
+(``cema-adapter-<run>[-shard<i>]``) every ``checkpoint_every_s`` with the log position it includes
+(every sequence number up to ``wal_low`` and those listed in ``processed_above``); a restarted
+shard loads the newest checkpoint that reads back (a corrupt one falls back to the previous),
+re-queues the logged uploads it does not include, and deduplicates the calls Ray retries
+(per-device recent batch numbers). Storage writes are retried with backoff; an upload whose log
+write keeps failing is answered ``error`` (not acknowledged), a failing checkpoint or publish is
+counted and retried later: none of them stops the worker.
 """
 from __future__ import annotations
 
+import hashlib
 import io
-import queue
 import threading
 import time
+from collections import deque
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +55,26 @@ WAL_SCHEMA = pa.schema([("seq", pa.int64()), ("device_id", pa.string()), ("key",
                         ("image", pa.binary()),
                         # the device's TBR statistics (safetensors bytes, first row of an upload only;
                         # EdgeConfig.stats_source="upload") and its shift count (ShiftConfig)
-                        ("stats", pa.binary()), ("shift_epoch", pa.int64())])
+                        ("stats", pa.binary()), ("shift_epoch", pa.int64()), ("shard", pa.int32())])
+RECENT_BATCHES = 64  # per device: batch numbers remembered to drop retried calls
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard that owns ``key``: a stable hash, the same in every process and run."""
+    # (sha1, not crc32: crc32 is linear, and names that differ in one character share its low bits)
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % max(1, shards)
+
+
+def retry(fn, what: str, attempts: int = 4, first_wait_s: float = 0.2):
+    """Call ``fn`` until it succeeds, waiting 0.2, 0.8, 3.2 s between attempts (storage hiccups:
+    S3 5xx, timeouts); the last error propagates, naming ``what``."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # storage errors come in many types (OSError, pyarrow, botocore)
+            if attempt == attempts - 1:
+                raise OSError(f"{what} failed after {attempts} attempts: {exc}") from exc
+            time.sleep(first_wait_s * 4 ** attempt)
 
 
 def write_parquet(store: RunStore, name: str, table: pa.Table) -> None:
@@ -47,44 +83,65 @@ def write_parquet(store: RunStore, name: str, table: pa.Table) -> None:
     store.write(name, buf.getvalue())
 
 
-def read_uploads(run_uri: str, after_seq: int = -1) -> pa.Table:
-    """The logged uploads (one row per sample) of a fleet run, in sequence order."""
+def _log_files(store: RunStore, shard: int | None) -> list[str]:
+    tags = ("part-", "segment-") if shard is None else (f"part-s{shard:03d}-", f"segment-s{shard:03d}-")
+    return [f for f in store.list("uploads") if f.endswith(".parquet") and f.split("/")[-1].startswith(tags)]
+
+
+def _last_seq(name: str) -> int:
+    return int(name.rsplit("-", 1)[-1].split(".")[0])
+
+
+def read_uploads(run_uri: str, after_seq: int = -1, shard: int | None = None) -> pa.Table:
+    """The logged uploads (one row per sample) of a fleet run (or of one shard), in order of
+    (shard, seq). Segments that end at or before ``after_seq`` are not read."""
     store = RunStore(run_uri)
-    files = [f for f in store.list("uploads") if f.endswith(".parquet")]
+    files = [f for f in _log_files(store, shard) if _last_seq(f) > after_seq]
     if not files:
         return WAL_SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(io.BytesIO(store.read(f))) for f in files])
     table = table.filter(pa.compute.greater(table["seq"], after_seq))
-    return table.sort_by([("seq", "ascending")])
+    return table.sort_by([("shard", "ascending"), ("seq", "ascending")])
 
 
 class CloudAdapterActor:
-    def __init__(self, cfg, run_uri: str, base_ref: str):
+    def __init__(self, cfg, run_uri: str, base_ref: str, shard: int = 0, shards: int = 1):
         self.cfg = cfg
         self.base_ref = base_ref  # the edge model version the parameter sets apply to
-        self.run_uri = run_uri
+        self.run_uri, self.shard, self.shards = run_uri, shard, shards
         self.store = RunStore(run_uri)
         self.registry = Registry.for_storage(cfg.storage)
         self.prefix = f"edge-{cfg.run_name}-"
         self.run_id = getattr(cfg, "run_id", "") or cfg.run_name  # set by run_fleet
-        self.state_name = f"cema-adapter-{self.run_id}"  # per run: a fresh run never restores another's
-        device = "cuda" if cfg.adapter_gpu and torch.cuda.is_available() else "cpu"
+        # per run (a fresh run never restores another's) and per shard (one writer per name)
+        self.state_name = f"cema-adapter-{self.run_id}" + (f"-shard{shard}" if shards > 1 else "")
+        device = "cuda" if cfg.adapter_gpus and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(1)
         cema_cfg = method_config(cfg.method, cfg.cema)
+        self.batch = cema_cfg.cloud.batch_size
         self.core = CloudAdapter(resolve_model(cfg.foundation, cfg.storage), resolve_model(cfg.edge, cfg.storage),
                                  cema_cfg, device=device)
         self.counters = {"acked_uploads": 0, "acked_samples": 0, "busy": 0, "rejected": 0, "duplicates": 0,
-                         "processed_samples": 0, "published": 0, "checkpoints": 0, "restored_from": 0,
-                         "replayed_samples": 0}
+                         "log_failures": 0, "processed_samples": 0, "failed_steps": 0, "steps": 0, "published": 0,
+                         "publish_failures": 0, "checkpoints": 0, "checkpoint_failures": 0, "restored_from": 0,
+                         "replayed_samples": 0, "busy_s": 0.0}
         self.rejections: list[str] = []
         self.seq = 0
-        self.seen: set[tuple[str, int]] = set()
-        self.queue: queue.Queue = queue.Queue()
-        self.queued_samples = 0
-        self.lock = threading.Lock()  # bookkeeping: WAL, queue size, counters (held briefly)
-        self.core_lock = threading.Lock()  # the adaptation state (held for a whole cloud step)
-        self.processed_through = 0
+        self.recent: dict[str, set[int]] = {}  # device -> recent batch numbers (dedup of retried calls)
+        self.queues: dict[str, deque] = {}  # key -> (seq, msg, sent_at), oldest first
+        self.queued: dict[str, int] = {}  # key -> queued samples
+        self.last_seen: dict[str, float] = {}  # key -> last upload (active keys share the capacity)
+        self.order: deque[str] = deque()  # round-robin order of keys
+        self.in_process: set[int] = set()  # seqs taken by the worker, not yet done
+        self.processed_above: set[int] = set()  # done seqs above wal_low
+        self.wal_low = 0  # every seq <= wal_low is processed
+        self.board: dict[str, tuple[int, dict, float]] = {}  # key -> (version, params, oldest sent_at)
+        self.capacity = 2.0 * self.batch  # samples per busy second, measured from the first turn on
+        self._work_ema = [2.0 * self.batch, 1.0]  # moving sums of (samples, busy seconds) per turn
+        self.cv = threading.Condition()  # guards the bookkeeping above (held briefly)
+        self.core_lock = threading.Lock()  # the adaptation state (held for a whole turn)
         self.last_checkpoint = time.monotonic()
+        self.cpu_start = time.process_time()
         self.latencies: list[float] = []
         self._restore()
         self.worker = threading.Thread(target=self._work, daemon=True)
@@ -96,131 +153,255 @@ class CloudAdapterActor:
             self.core.validate(msg)
             if not len(msg):
                 raise ValueError("empty upload")
+            if shard_of(key, self.shards) != self.shard:
+                raise ValueError(f"key {key!r} belongs to shard {shard_of(key, self.shards)}, not {self.shard}")
         except Exception as exc:  # anything malformed is counted, never fatal
-            self.counters["rejected"] += 1
-            if len(self.rejections) < 20:
-                self.rejections.append(str(exc)[:200])
+            with self.cv:
+                self.counters["rejected"] += 1
+                if len(self.rejections) < 20:
+                    self.rejections.append(str(exc)[:200])
             return {"status": "rejected", "error": str(exc)}
-        ident = (msg.device_id, int(msg.seq))
-        with self.lock:
-            if ident in self.seen:
+        with self.cv:
+            recent = self.recent.setdefault(msg.device_id, set())
+            if int(msg.seq) in recent:
                 self.counters["duplicates"] += 1
-                return {"status": "ok", "duplicate": True}
-            if self.queued_samples + len(msg) > self.cfg.adapter_queue_samples:
+                return {"status": "ok", "duplicate": True, "rate": self._rate(key)}
+            if self.queued.get(key, 0) + len(msg) > self._key_share():
                 self.counters["busy"] += 1
-                return {"status": "busy"}
+                return {"status": "busy", "rate": self._rate(key)}
             self.seq += 1
             seq = self.seq
-            self._log(seq, msg, key, sent_at)  # durable before the acknowledgement
-            self.seen.add(ident)
-            self.queued_samples += len(msg)
+            try:  # durable before the acknowledgement; the log holds the lock so seqs stay ordered
+                retry(lambda: self._log(seq, msg, key, sent_at), f"upload log write (seq {seq})")
+            except OSError as exc:
+                self.seq -= 1
+                self.counters["log_failures"] += 1
+                return {"status": "error", "error": str(exc)[:300]}
+            recent.add(int(msg.seq))
+            if len(recent) > 2 * RECENT_BATCHES:
+                top = max(recent)
+                recent.intersection_update(range(top - RECENT_BATCHES, top + 1))
+            self._enqueue(seq, msg, key, sent_at)
             self.counters["acked_uploads"] += 1
             self.counters["acked_samples"] += len(msg)
-        self.queue.put((seq, msg, key, sent_at))
-        return {"status": "ok", "seq": seq}
+            return {"status": "ok", "seq": seq, "rate": self._rate(key)}
+
+    def poll(self, have: dict[str, int], keys: list[str]) -> dict:
+        """The version board: newer parameter sets than ``have`` (key -> version) for ``keys``, as
+        {key: (version, params, oldest trigger sent_at)}, and the upload rate (samples/s) per key."""
+        with self.cv:
+            updates = {k: self.board[k] for k in keys if k in self.board and self.board[k][0] > have.get(k, 0)}
+            return {"updates": updates, "rates": {k: self._rate(k) for k in keys}}
 
     def stats(self) -> dict:
         from .host import _rss_bytes
 
-        return {**self.counters, "queued_samples": self.queued_samples, "seq": self.seq, "rss_bytes": _rss_bytes(),
-                "processed_through": self.processed_through, "rejection_examples": self.rejections[:5],
-                "publish_latency_s": list(self.latencies)}
+        with self.cv:
+            return {**self.counters, "queued_samples": sum(self.queued.values()), "seq": self.seq,
+                    "shard": self.shard, "rss_bytes": _rss_bytes(), "wal_low": self.wal_low,
+                    "capacity_samples_per_s": round(self.capacity, 1),
+                    "cpu_s": round(time.process_time() - self.cpu_start, 3),  # the whole process
+                    "rejection_examples": self.rejections[:5], "publish_latency_s": list(self.latencies)}
 
     def drain(self, timeout_s: float = 600) -> dict:
         """Wait until every queued upload is processed, checkpoint, and return the stats."""
         deadline = time.monotonic() + timeout_s
-        while self.queued_samples and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with self.cv:
+            while (any(self.queued.values()) or self.in_process) and time.monotonic() < deadline:
+                self.cv.wait(0.5)
         self.checkpoint()
         return self.stats()
 
     def checkpoint(self) -> None:
-        with self.core_lock:  # between two steps: the state and processed_through agree
-            through = self.processed_through
+        with self.core_lock:  # between two turns: the state and the processed seqs agree
+            with self.cv:
+                low, above = self.wal_low, sorted(self.processed_above)
+                counts = {k: self.counters[k] for k in ("processed_samples", "acked_samples", "acked_uploads")}
             state = self.core.state_dict()
-        self.registry.publish(self.state_name, state, kind="adapter-state", format="cema-cloud",
-                              extra={"wal_through": through, "seq": self.seq})
-        with self.lock:
-            self._compact()
+        retry(lambda: self.registry.publish(self.state_name, state, kind="adapter-state", format="cema-cloud",
+                                            extra={"wal_low": low, "processed_above": above, "seq": self.seq,
+                                                   "shard": self.shard, **counts}),
+              f"adapter checkpoint {self.state_name}")
+        with self.cv:
             self.counters["checkpoints"] += 1
+        try:
+            self._compact()
+        except Exception as exc:  # the parts stay and are compacted next time
+            print(f"[adapter {self.shard}] compacting the upload log failed: {exc}", flush=True)
         self.last_checkpoint = time.monotonic()
 
     # -- internals ---------------------------------------------------------------------------
+    def _key_share(self) -> int:
+        """Queued samples one key may hold: the queue split over the active keys (fair share)."""
+        return max(2 * self.batch, self.cfg.adapter_queue_samples // max(1, self._active_keys()))
+
+    def _active_keys(self) -> int:
+        now = time.monotonic()
+        return sum(1 for t in self.last_seen.values() if now - t < 30) or 1
+
+    def _rate(self, key: str) -> float:
+        """Samples/s the hosts may send for ``key``: 90% of the measured capacity split over the
+        active keys, scaled from x2 with an empty queue down to x0 at twice the target queue
+        (``adapter_target_queue_s`` of the key's capacity, at least one cloud batch): the queue,
+        and so the upload->applied latency, stays short."""
+        share = self.capacity / self._active_keys()
+        target = max(self.batch, share * self.cfg.adapter_target_queue_s)
+        scale = min(2.0, max(0.0, 2.0 - self.queued.get(key, 0) / target))
+        return round(0.9 * share * scale, 2)
+
+    def _enqueue(self, seq: int, msg: UploadMessage, key: str, sent_at: float) -> None:
+        if key not in self.queues:
+            self.queues[key] = deque()
+            self.order.append(key)
+        self.queues[key].append((seq, msg, sent_at))
+        self.queued[key] = self.queued.get(key, 0) + len(msg)
+        self.last_seen[key] = time.monotonic()
+        self.cv.notify_all()
+
     def _log(self, seq: int, msg: UploadMessage, key: str, sent_at: float) -> None:
         n, (h, w, c) = len(msg), msg.images.shape[1:]
         stats = [save_tensors(msg.stats) if msg.stats is not None else None] + [None] * (n - 1)
-        table = pa.table({"stats": stats, "shift_epoch": [int(msg.shift_epoch)] * n, "seq": [seq] * n, "device_id": [msg.device_id] * n, "key": [key] * n,
+        table = pa.table({"stats": stats, "shift_epoch": [int(msg.shift_epoch)] * n, "seq": [seq] * n,
+                          "device_id": [msg.device_id] * n, "key": [key] * n,
                           "batch": [int(msg.seq)] * n, "param_version": [int(msg.param_version)] * n,
                           "sent_at": [sent_at] * n, "height": [h] * n, "width": [w] * n, "channels": [c] * n,
-                          "image": [img.tobytes() for img in msg.images]}, schema=WAL_SCHEMA)
-        write_parquet(self.store, f"uploads/part-{seq:010d}.parquet", table)
+                          "image": [img.tobytes() for img in msg.images], "shard": [self.shard] * n},
+                         schema=WAL_SCHEMA)
+        write_parquet(self.store, f"uploads/part-s{self.shard:03d}-{seq:010d}.parquet", table)
 
     def _compact(self) -> None:
-        """Merge the per-upload parts into one segment (for audit and replay)."""
-        parts = [f for f in self.store.list("uploads") if f.startswith("uploads/part-")]
+        """Merge this shard's per-upload parts into one segment (for audit and restarts)."""
+        parts = [f for f in _log_files(self.store, self.shard) if "/part-" in f]
         if len(parts) < 2:
             return
         table = pa.concat_tables([pq.read_table(io.BytesIO(self.store.read(p))) for p in parts])
-        first, last = (p.split("-")[1].split(".")[0] for p in (parts[0], parts[-1]))
-        write_parquet(self.store, f"uploads/segment-{first}-{last}.parquet", table)
+        first, last = (p.rsplit("-", 1)[-1].split(".")[0] for p in (parts[0], parts[-1]))
+        write_parquet(self.store, f"uploads/segment-s{self.shard:03d}-{first}-{last}.parquet", table)
         for p in parts:
             self.store.delete(p)
 
+    def _load_checkpoint(self) -> dict:
+        """Load the newest checkpoint that reads back whole; a corrupt one falls back to the previous."""
+        for version in reversed(self.registry.versions(self.state_name)):
+            try:
+                state, meta = self.registry.load_tensors(self.state_name, version)
+                self.core.load_state_dict(state)
+                return meta
+            except Exception as exc:
+                print(f"[adapter {self.shard}] checkpoint {self.state_name} v{version} unreadable ({exc}); "
+                      "trying the previous one", flush=True)
+        return {}
+
     def _restore(self) -> None:
-        through = 0
-        if self.registry.latest_version(self.state_name) is not None:
-            state, meta = self.registry.load_tensors(self.state_name)
-            self.core.load_state_dict(state)
-            through = int(meta["wal_through"])
-            self.counters["restored_from"] = meta["version"]
-        logged = read_uploads(self.run_uri)
-        if logged.num_rows:
-            self.seq = int(pa.compute.max(logged["seq"]).as_py())
-            ids = set(zip(logged["device_id"].to_pylist(), logged["batch"].to_pylist()))
-            self.seen = ids
-            self.counters["acked_samples"] = logged.num_rows
-            self.counters["acked_uploads"] = len(ids)
-        self.processed_through = through
-        todo = logged.filter(pa.compute.greater(logged["seq"], through))
-        self.counters["processed_samples"] = logged.num_rows - todo.num_rows  # in the checkpointed state
+        meta = self._load_checkpoint()
+        low, done = int(meta.get("wal_low", 0)), set(meta.get("processed_above", []))
+        self.counters["restored_from"] = meta.get("version", 0)
+        for k in ("processed_samples", "acked_samples", "acked_uploads"):
+            self.counters[k] = int(meta.get(k, 0))
+        files = _log_files(self.store, self.shard)
+        self.seq = max([int(meta.get("seq", 0))] + [_last_seq(f) for f in files])
+        todo = read_uploads(self.run_uri, after_seq=low, shard=self.shard)
+        self.wal_low, self.processed_above = low, done
         for seq, rows in _group_by_seq(todo):
+            self.recent.setdefault(rows["device_id"][0], set()).add(int(rows["batch"][0]))
+            if seq in done:
+                continue
             images = np.stack([np.frombuffer(b, np.uint8).reshape(h, w, c) for b, h, w, c in
                                zip(rows["image"], rows["height"], rows["width"], rows["channels"])])
-            stats = rows.get("stats", [None])[0]
+            stats = rows["stats"][0]
             msg = UploadMessage(rows["device_id"][0], images, rows["param_version"][0], None, rows["batch"][0],
-                                shift_epoch=int((rows.get("shift_epoch") or [0])[0] or 0),
+                                shift_epoch=int(rows["shift_epoch"][0] or 0),
                                 stats=load_tensors(stats) if stats else None)
-            self.queued_samples += len(images)
+            if seq > int(meta.get("seq", 0)):  # acknowledged after the checkpoint
+                self.counters["acked_samples"] += len(images)
+                self.counters["acked_uploads"] += 1
             self.counters["replayed_samples"] += len(images)
-            self.queue.put((seq, msg, rows["key"][0], rows["sent_at"][0]))
+            with self.cv:
+                self._enqueue(seq, msg, rows["key"][0], rows["sent_at"][0])
+
+    def _take_turn(self) -> tuple[str, list] | None:
+        """The next key round-robin and up to ``coalesce`` cloud batches of its queued uploads."""
+        for _ in range(len(self.order)):
+            key = self.order[0]
+            self.order.rotate(-1)
+            q = self.queues[key]
+            if q:
+                taken, n = [], 0
+                while q and (not taken or n + len(q[0][1]) <= self.cfg.adapter_coalesce * self.batch):
+                    taken.append(q.popleft())
+                    n += len(taken[-1][1])
+                self.in_process.update(seq for seq, _, _ in taken)
+                return key, taken
+        return None
 
     def _work(self) -> None:
         while True:
-            seq, msg, key, sent_at = self.queue.get()
-            published = False
-            try:
-                with self.core_lock:
-                    update = self.core.process(msg, key)
-                    if update is not None:
-                        self.registry.publish_edge_params(
-                            self.prefix + key, update.params, base=self.base_ref,
-                            extra={"adapter_version": update.version, "trigger_sent_at": sent_at,
-                                   "run_id": self.run_id,
-                                   "trigger": f"{msg.device_id}#{msg.seq}"})
-                        published = True
-                    self.processed_through = seq
-            except Exception as exc:  # a failing step must not stop the adapter
-                print(f"[adapter] step on upload {seq} failed: {exc}", flush=True)
-                with self.core_lock:
-                    self.processed_through = seq
-            with self.lock:
-                self.counters["processed_samples"] += len(msg)
-                self.queued_samples -= len(msg)
-                if published:
-                    self.counters["published"] += 1
-                    self.latencies.append(time.time() - sent_at)
+            with self.cv:
+                turn = self._take_turn()
+                if turn is None:
+                    self.cv.wait(1.0)
+                idle = not any(len(q) for q in self.queues.values())
+            if turn is not None:
+                self._run_turn(*turn, replay_only=idle)
             if time.monotonic() - self.last_checkpoint > self.cfg.checkpoint_every_s:
-                self.checkpoint()
+                try:
+                    self.checkpoint()
+                except Exception as exc:  # counted; the log still holds everything, retried next time
+                    self.counters["checkpoint_failures"] += 1
+                    self.last_checkpoint = time.monotonic()
+                    print(f"[adapter {self.shard}] checkpoint failed: {exc}", flush=True)
+
+    def _run_turn(self, key: str, taken: list, replay_only: bool) -> None:
+        start = time.perf_counter()
+        update, steps, failed = None, 0, 0
+        with self.core_lock:
+            for i, (seq, msg, _) in enumerate(taken):
+                try:
+                    before = self.core.keys[key].steps if key in self.core.keys else 0
+                    # replay-only steps only when nothing else waits: new samples teach more
+                    out = self.core.process(msg, key, replay_only=replay_only and i == len(taken) - 1)
+                    steps += self.core.keys[key].steps - before
+                    update = out or update
+                except Exception as exc:  # a failing step must not stop the adapter
+                    failed += 1
+                    print(f"[adapter {self.shard}] step on upload {seq} failed: {exc}", flush=True)
+            busy = time.perf_counter() - start
+            published = None
+            if update is not None:
+                try:
+                    published = retry(lambda: self.registry.publish_edge_params(
+                        self.prefix + key, update.params, base=self.base_ref,
+                        extra={"adapter_version": update.version, "trigger_sent_at": taken[0][2],
+                               "run_id": self.run_id, "trigger": f"{taken[0][1].device_id}#{taken[0][1].seq}"}),
+                        f"publishing {self.prefix + key}")
+                except OSError as exc:
+                    print(f"[adapter {self.shard}] {exc}", flush=True)
+            n = sum(len(m) for _, m, _ in taken)
+            with self.cv:
+                for seq, _, _ in taken:
+                    self.in_process.discard(seq)
+                    self.processed_above.add(seq)
+                self._advance_low()
+                self.queued[key] -= n
+                self.counters["processed_samples"] += n
+                self.counters["steps"] += steps
+                self.counters["failed_steps"] += failed
+                self.counters["busy_s"] += busy
+                # a ratio of moving sums: a turn that only fills a batch costs ~0 s, the next one pays
+                self._work_ema = [0.9 * self._work_ema[0] + 0.1 * n, 0.9 * self._work_ema[1] + 0.1 * busy]
+                self.capacity = self._work_ema[0] / max(self._work_ema[1], 1e-6)
+                if published is not None:
+                    self.counters["published"] += 1
+                    self.board[key] = (published.version, update.params, taken[0][2])
+                    self.latencies.append(time.time() - taken[0][2])
+                elif update is not None:
+                    self.counters["publish_failures"] += 1
+                self.cv.notify_all()
+
+    def _advance_low(self) -> None:
+        while self.wal_low + 1 in self.processed_above:
+            self.wal_low += 1
+            self.processed_above.discard(self.wal_low)
 
 
 def _group_by_seq(table: pa.Table):

@@ -29,6 +29,9 @@ class FleetConfig(CommonConfig):
     hosts: int = 0  # device-host actors; 0: one per CPU left after the adapter's (at least 1)
     batches_per_device: int = 8
     batch_size: int = 64  # edge batch (reference: 64)
+    # Seconds between two batches of one device (its camera's pace); 0: as fast as the hosts run,
+    # which on a small machine makes devices produce candidates faster than the cloud can learn.
+    device_interval_s: float = 0.0
     dataset: str = "cifar10-jpeg"  # test split; each corruption is applied on top of it
     corruptions: list[str] = field(default_factory=lambda: ["gaussian_noise", "defocus_blur", "fog"])
     severity: int = 5
@@ -42,12 +45,23 @@ class FleetConfig(CommonConfig):
     key_by: str = "group"  # adaptation state per "group" (devices sharing a corruption) or per "device"
     uploads: bool = True  # False: devices filter but send nothing and no adapter runs (measures the edge alone)
     max_in_flight: int = 64  # per host: unacknowledged uploads; more are dropped (edge never waits)
-    # Samples the adapter holds unprocessed; more are refused ("busy"). It bounds the upload->applied
-    # latency (queue / adapter throughput) at the price of dropped uploads when the cloud is slow.
+    # The cloud side: `adapters` shards, each owning the keys that hash to it (its own queue, upload
+    # log and checkpoint), each with `adapter_cpus` CPUs (scaled down to fit next to one host when
+    # the cluster is small) and `adapter_gpus` GPUs (fractions share one: 0.25).
+    adapters: int = 1
+    adapter_cpus: float = 1.0
+    adapter_gpus: float = 0.0
+    adapter_resources: str = ""  # a custom resource the adapters' node offers (pins them, e.g. to the head)
+    # Samples a shard holds unprocessed, split over its active keys; more are refused ("busy"). Hosts
+    # stay below it by spending the rate each shard advertises, so refusals are rare.
     adapter_queue_samples: int = 1024
-    adapter_gpu: bool = False  # give the adapter a GPU (when the cluster has one)
-    adapter_resources: str = ""  # a custom resource the adapter's node offers (pins it, e.g. to the head)
-    checkpoint_every_s: float = 20.0  # adapter state -> registry; uploads in between are in the WAL
+    adapter_coalesce: int = 1  # cloud batches of one key a shard takes per turn (one publish per turn)
+    adapter_target_queue_s: float = 1.5  # the queue each key's advertised rate aims at, in seconds of work
+    poll_interval_s: float = 0.25  # hosts read the shards' version boards (new versions, rates) this often
+    poll_timeout_s: float = 2.0
+    min_upload: int = 8  # a device sends no fewer samples than this (or all it has): no tiny messages
+    burst_s: float = 2.0  # a host's token bucket holds at most this many seconds of a key's rate
+    checkpoint_every_s: float = 20.0  # adapter state -> registry; uploads in between are in the log
     round_batches: int = 1  # batches per device between two progress lines / host checkpoints
     plot: bool = True
     cema: CEMAConfig = field(default_factory=fleet_cema_config)

@@ -3,9 +3,16 @@
 Each device keeps only its own state (:class:`tdmr_ray.cema.EdgeDeviceState`: normalization
 affine parameters, TBR statistics, filter state, version, accounting) plus its stream position
 and score. Per batch a device applies its newest received parameters, runs the forward pass,
-filters, and sends its selected samples to the cloud adapter without waiting for the answer;
-at most ``max_in_flight`` uploads per host are unanswered, further ones are dropped (counted).
-Between batches the host pulls new parameter versions of its devices' keys from the registry.
+filters, and sends its selected samples to its key's adapter shard without waiting for the
+answer; at most ``max_in_flight`` uploads per host are unanswered, further ones are dropped
+(counted).
+
+Budget: every ``poll_interval_s`` the host reads each shard's version board
+(:meth:`CloudAdapterActor.poll`): new parameter versions for its keys, offered to the keys'
+treatment devices, and the upload rate per key the shard can process. The host spends that rate
+(split over the hosts) as a token bucket per key: a device sends its lowest-entropy candidates
+(the most reliable, as CEMA's filter ranks them) within the budget and keeps the rest ("unsent",
+counted), so bandwidth goes only to samples the cloud will use.
 
 After every round the host checkpoints all device states to ``hosts/host-<i>.safetensors`` in the
 run's store on the job's storage (local or S3, so a host restarted on another node finds it); a
@@ -13,36 +20,45 @@ restarted host (Ray restarts the actor and retries the round) resumes from there
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import defaultdict
+
+import numpy as np
 import ray
 import torch
 from safetensors.torch import load, save
 
-from ..cema import EdgeDeviceState, UpdateMessage, make_edge_runner, method_config
-from ..registry import Registry
+from ..cema import EdgeDeviceState, UpdateMessage, UploadMessage, make_edge_runner, method_config
 from ..runtime import resolve_model
 from ..storage import RunStore
 from . import streams
+from .adapter import shard_of
 from .streams import DeviceStream
 
-HOST_COUNTERS = ("sent", "acked", "dropped_in_flight", "busy", "rejected", "send_failed")
+HOST_COUNTERS = ("sent", "acked", "unsent", "dropped_in_flight", "busy", "rejected", "send_failed")
+
+
+def lowest_entropy(upload: UploadMessage, n: int) -> UploadMessage:
+    """``upload`` cut to its ``n`` lowest-entropy samples (kept in batch order)."""
+    keep = np.sort(np.argsort(upload.entropies, kind="stable")[:n])
+    return dataclasses.replace(upload, images=upload.images[keep], entropies=upload.entropies[keep])
 
 
 class DeviceHost:
-    def __init__(self, cfg, host_index: int, device_indices: list[int], pools: dict, adapter, run_uri: str):
+    def __init__(self, cfg, host_index: int, device_indices: list[int], pools: dict, adapters: list,
+                 run_uri: str, n_hosts: int = 1):
         torch.set_num_threads(1)
-        self.cfg, self.index, self.adapter = cfg, host_index, adapter
+        self.cfg, self.index, self.adapters, self.n_hosts = cfg, host_index, adapters, n_hosts
         self.pools = pools  # corruption -> (images, labels), shared read-only via the object store
         self.runner = make_edge_runner(cfg.method, resolve_model(cfg.edge, cfg.storage),
                                        method_config(cfg.method, cfg.cema))
-        self.registry = Registry.for_storage(cfg.storage)
-        self.prefix = f"edge-{cfg.run_name}-"
-        self.run_id = getattr(cfg, "run_id", "") or cfg.run_name  # set by run_fleet
         self.devices = [streams.device_id(i) for i in device_indices]
         self.group = {streams.device_id(i): streams.device_group(i, cfg.corruptions) for i in device_indices}
         self.key = {d: (d if cfg.key_by == "device" else g) for d, g in self.group.items()}
+        self.keys = sorted(set(self.key.values()))
+        self.shard = {k: shard_of(k, len(adapters)) for k in self.keys}
         self.control = {d: streams.is_control(d, cfg.control_fraction, cfg.seed) for d in self.devices}
         self.streams = {d: DeviceStream(d, len(pools[g][1]), cfg.batch_size, cfg.seed) for d, g in self.group.items()}
         self.state = {d: self.runner.new_device(d) for d in self.devices}
@@ -50,9 +66,13 @@ class DeviceHost:
         self.correct = dict.fromkeys(self.devices, 0)
         self.counters = dict.fromkeys(HOST_COUNTERS, 0)
         self.key_version: dict[str, int] = {}
+        self.rate: dict[str, float] = {}  # key -> samples/s this host may send (its share of the shard's)
+        self.tokens = dict.fromkeys(self.keys, 0.0)
+        self.refilled = time.monotonic()
+        self.last_poll = 0.0
         self.in_flight: list = []  # (ref, n_samples)
         self.latencies: list[float] = []
-        self.trigger_sent_at: dict[int, float] = {}  # registry version -> when its trigger upload left
+        self.trigger_sent_at: dict[tuple[str, int], float] = {}  # (key, version) -> when its oldest upload left
         self.store = RunStore(run_uri)
         self.ckpt = f"hosts/host-{host_index}.safetensors"
         self.restored = self._restore()
@@ -72,8 +92,16 @@ class DeviceHost:
         correct0 = sum(self.correct.values())
         arms0 = self._arms()
         for _ in range(n_batches):
-            self._pull_updates()
-            for d in self.devices:
+            sweep = time.monotonic()
+            for j, d in enumerate(self.devices):
+                # device_interval_s: each device runs a batch that often (a camera's pace), spread evenly
+                wait = sweep + j * self.cfg.device_interval_s / len(self.devices) - time.monotonic()
+                while wait > 0:  # keep reading the boards while waiting
+                    time.sleep(min(wait, self.cfg.poll_interval_s))
+                    self._poll()
+                    wait = sweep + j * self.cfg.device_interval_s / len(self.devices) - time.monotonic()
+                if time.monotonic() - self.last_poll >= self.cfg.poll_interval_s:
+                    self._poll()
                 if self.position[d] < self.cfg.batches_per_device:
                     self._device_batch(d)
             self._collect(block=False)
@@ -100,12 +128,15 @@ class DeviceHost:
         idx = self.streams[d].indices(b)
         before = state.version
         result = self.runner.infer(state, images[idx])
-        if state.version != before and state.version in self.trigger_sent_at:
-            self.latencies.append(time.time() - self.trigger_sent_at[state.version])
+        if state.version != before and (self.key[d], state.version) in self.trigger_sent_at:
+            self.latencies.append(time.time() - self.trigger_sent_at[(self.key[d], state.version)])
         self.correct[d] += int((result.predictions.numpy() == labels[idx]).sum())
         self.position[d] = b + 1
         upload = result.upload
-        if upload is None or not len(upload) or self.adapter is None:
+        if upload is None or not len(upload) or not self.adapters:
+            return
+        upload = self._within_budget(self.key[d], upload)
+        if upload is None:
             return
         if len(self.in_flight) >= self.cfg.max_in_flight:
             self._collect(block=False)
@@ -113,7 +144,25 @@ class DeviceHost:
             self.counters["dropped_in_flight"] += len(upload)
             return
         self.counters["sent"] += len(upload)
-        self.in_flight.append((self.adapter.upload.remote(upload, self.key[d], time.time()), len(upload)))
+        adapter = self.adapters[self.shard[self.key[d]]]
+        self.in_flight.append((adapter.upload.remote(upload, self.key[d], time.time()), len(upload)))
+
+    def _within_budget(self, key: str, upload: UploadMessage) -> UploadMessage | None:
+        """The part of ``upload`` the key's token bucket pays for (None: nothing is sent)."""
+        if key not in self.rate:  # no rate known yet: send, the shard refuses what it cannot hold
+            return upload
+        now = time.monotonic()
+        for k in self.keys:  # refill every bucket; at most burst_s of rate, at least one cloud batch
+            cap = max(self.cfg.min_upload, self.rate.get(k, 0.0) * self.cfg.burst_s)
+            self.tokens[k] = min(cap, self.tokens[k] + self.rate.get(k, 0.0) * (now - self.refilled))
+        self.refilled = now
+        n = min(len(upload), int(self.tokens[key]))
+        if n < min(len(upload), self.cfg.min_upload):  # too few to be worth a message: wait for more
+            self.counters["unsent"] += len(upload)
+            return None
+        self.tokens[key] -= n
+        self.counters["unsent"] += len(upload) - n
+        return upload if n == len(upload) else lowest_entropy(upload, n)
 
     def _collect(self, block: bool) -> None:
         if not self.in_flight:
@@ -133,24 +182,32 @@ class DeviceHost:
             self.counters[{"ok": "acked", "busy": "busy", "rejected": "rejected"}.get(status, "send_failed")] += n
         self.in_flight = still
 
-    def _pull_updates(self) -> None:
-        """Offer each key's newest registry version to the key's devices (applied before their next batch)."""
-        if self.adapter is None:  # no cloud in this run: nothing of its own to apply
+    def _poll(self) -> None:
+        """Read each shard's version board: offer new versions to the keys' treatment devices
+        (applied before their next batch) and take the shards' upload rates."""
+        self.last_poll = time.monotonic()
+        if not self.adapters:  # no cloud in this run: nothing of its own to apply
             return
-        for key in set(self.key.values()):
-            name = self.prefix + key
-            version = self.registry.latest_version(name)
-            if version is None or version <= self.key_version.get(key, 0):
-                continue
-            params, meta = self.registry.load_tensors(name, version)
-            self.key_version[key] = version
-            if meta.get("run_id") != self.run_id:  # another run's parameters (same run name)
-                continue
-            self.trigger_sent_at[version] = float(meta.get("trigger_sent_at") or time.time())
-            update = UpdateMessage(key, version, params)
-            for d in self.devices:
-                if self.key[d] == key and not self.control[d]:
-                    self.state[d].offer(update)
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for k in self.keys:
+            by_shard[self.shard[k]].append(k)
+        refs = [self.adapters[i].poll.remote(dict(self.key_version), keys) for i, keys in by_shard.items()]
+        try:
+            boards = ray.get(refs, timeout=self.cfg.poll_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError):  # a shard restarting: try again next time
+            return
+        for board in boards:
+            for key, rate in board["rates"].items():
+                self.rate[key] = rate / self.n_hosts
+            for key, (version, params, sent_at) in board["updates"].items():
+                if version <= self.key_version.get(key, 0):
+                    continue
+                self.key_version[key] = version
+                self.trigger_sent_at[(key, version)] = sent_at
+                update = UpdateMessage(key, version, params)
+                for d in self.devices:
+                    if self.key[d] == key and not self.control[d]:
+                        self.state[d].offer(update)
 
     # -- reporting and checkpoints -------------------------------------------------------------
     def finish(self) -> dict:

@@ -30,7 +30,8 @@ def check_config(cfg: FleetConfig) -> None:
         raise ValueError(f"unknown corruptions {bad}; known: clean, {', '.join(CORRUPTIONS)}")
     if not 0 <= cfg.control_fraction < 1:
         raise ValueError(f"control_fraction must be in [0, 1), got {cfg.control_fraction}")
-    for name in ("devices", "batches_per_device", "batch_size", "pool_size", "round_batches", "max_in_flight"):
+    for name in ("devices", "batches_per_device", "batch_size", "pool_size", "round_batches", "max_in_flight",
+                 "adapters", "adapter_coalesce", "min_upload"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
 
@@ -89,21 +90,26 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
         pools = dict(zip(cfg.corruptions, ray.get([build.remote(cfg.dataset, c, cfg.severity, cfg.pool_size, cfg.seed)
                                                      for c in cfg.corruptions])))
         pools_ref = ray.put(pools)
-    adapter = None
+    cpus = int(ray.cluster_resources().get("CPU", 2))
+    adapters = []
     if uploads:
-        adapter = ray.remote(CloudAdapterActor).options(
-            num_cpus=1, num_gpus=1 if cfg.adapter_gpu else 0, max_restarts=-1, max_task_retries=-1,
-            resources={cfg.adapter_resources: 0.01} if cfg.adapter_resources else None,
-            max_concurrency=4, name=actor_name(cfg, run, "adapter")).remote(cfg, run_uri, base_ref)
-    n_hosts = cfg.hosts or max(1, int(ray.available_resources().get("CPU", 2)) - (1 if uploads else 0))
+        # Shards take their CPUs first; on a small cluster they share what one host leaves over.
+        adapter_cpus = min(cfg.adapter_cpus, max(0.1, (cpus - 1) / cfg.adapters))
+        shard_cls = ray.remote(CloudAdapterActor)
+        adapters = [shard_cls.options(
+            num_cpus=adapter_cpus, num_gpus=cfg.adapter_gpus, max_restarts=-1, max_task_retries=-1,
+            resources={cfg.adapter_resources: 0.01} if cfg.adapter_resources else None, max_concurrency=4,
+            name=actor_name(cfg, run, f"adapter-{i}")).remote(cfg, run_uri, base_ref, i, cfg.adapters)
+            for i in range(cfg.adapters)]
+    n_hosts = cfg.hosts or max(1, int(cpus - (adapter_cpus * cfg.adapters if uploads else 0)))
     n_hosts = min(n_hosts, cfg.devices)
     host_cls = ray.remote(DeviceHost)
     hosts = [host_cls.options(num_cpus=1, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD",
                               name=actor_name(cfg, run, f"host-{i}"))
-             .remote(cfg, i, part.tolist(), pools_ref, adapter, run_uri)
+             .remote(cfg, i, part.tolist(), pools_ref, adapters, run_uri, n_hosts)
              for i, part in enumerate(np.array_split(np.arange(cfg.devices), n_hosts))]
-    ray.get([h.ready.remote() for h in hosts] + ([adapter.stats.remote()] if adapter else []))
-    print(f"[cema] {cfg.devices} devices on {n_hosts} host actor(s), method {cfg.method}, "
+    ray.get([h.ready.remote() for h in hosts] + [a.stats.remote() for a in adapters])
+    print(f"[cema] {cfg.devices} devices on {n_hosts} host actor(s), {len(adapters)} adapter shard(s), method {cfg.method}, "
           f"groups {cfg.corruptions} (severity {cfg.severity}), key_by {cfg.key_by}", flush=True)
     series, seen, correct, uploaded, start = [], 0, 0, 0, time.monotonic()
     arms = {"treatment": [0, 0], "control": [0, 0]}
@@ -120,7 +126,7 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
                     arms[arm][1] += c
             t_acc, c_acc = (arms[a][1] / arms[a][0] if arms[a][0] else None for a in ("treatment", "control"))
             elapsed = time.monotonic() - start
-            queue = ray.get(adapter.stats.remote())["queued_samples"] if adapter else 0
+            queue = sum(a["queued_samples"] for a in ray.get([a.stats.remote() for a in adapters]))
             series.append({"t": round(elapsed, 3), "seen": seen, "accuracy": correct / max(seen, 1),
                            "upload_fraction": uploaded / max(seen, 1),
                            "round_accuracy": sum(r["correct"] for r in results) / max(sum(r["seen"] for r in results), 1),
@@ -133,7 +139,7 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
         stream_s = time.monotonic() - start
         finals = ray.get([h.finish.remote() for h in hosts])
     with run.phase("drain"):
-        adapter_stats = ray.get(adapter.drain.remote()) if adapter else {}
+        adapter_stats = ray.get([a.drain.remote() for a in adapters])
     metrics = summarize(cfg, finals, adapter_stats, stream_s, series)
     metrics["run_store"] = run_uri
     metrics["run_id"] = cfg.run_id
@@ -141,12 +147,12 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
         plot(series, Path(run.output_dir) / "fleet.png", cfg)
     for h in hosts:
         ray.kill(h)
-    if adapter:
-        ray.kill(adapter)
+    for a in adapters:
+        ray.kill(a)
     return metrics, f"edge-{cfg.run_name}-"
 
 
-def summarize(cfg: FleetConfig, finals: list[dict], adapter: dict, stream_s: float, series: list[dict]) -> dict:
+def summarize(cfg: FleetConfig, finals: list[dict], shards: list[dict], stream_s: float, series: list[dict]) -> dict:
     devices = {d: v for f in finals for d, v in f["devices"].items()}
     counters = {k: sum(f["counters"].get(k, 0) for f in finals) for k in finals[0]["counters"]}
     seen = sum(v["seen"] for v in devices.values())
@@ -168,7 +174,13 @@ def summarize(cfg: FleetConfig, finals: list[dict], adapter: dict, stream_s: flo
         "devices": len(devices), "samples": seen, "accuracy": round(correct / max(seen, 1), 4),
         "accuracy_by_group": {g: round(c / max(n, 1), 4) for g, (n, c) in by_group.items()},
         "lift": arm_lift(), "lift_by_group": {g: arm_lift(g) for g in by_group},
-        "upload_fraction": round(uploaded / max(seen, 1), 4), "uploaded": uploaded,
+        "upload_fraction": round(uploaded / max(seen, 1), 4), "uploaded": uploaded,  # candidates (filter)
+        "sent_fraction": round(counters.get("sent", 0) / max(seen, 1), 4),
+        # of the candidates: refused by a shard, dropped in flight, or kept back by the budget
+        "refused_or_unsent_fraction": round((counters.get("busy", 0) + counters.get("dropped_in_flight", 0)
+                                             + counters.get("unsent", 0)) / max(uploaded, 1), 4),
+        "refused_fraction": round((counters.get("busy", 0) + counters.get("dropped_in_flight", 0))
+                                  / max(uploaded, 1), 4),
         "samples_per_s": round(seen / stream_s, 1), "stream_seconds": round(stream_s, 2),
         "host": counters, "hosts_restored": sum(bool(f["restored"]) for f in finals),
         "host_nodes": len({f["node"] for f in finals}),
@@ -177,13 +189,17 @@ def summarize(cfg: FleetConfig, finals: list[dict], adapter: dict, stream_s: flo
         "apply_latency_s": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "n": len(latencies)},
         "series": series,
     }
-    if adapter:
-        acked_lost = adapter["acked_samples"] - adapter["processed_samples"]
-        metrics["adapter"] = {k: v for k, v in adapter.items() if k != "publish_latency_s"}
-        metrics["adapter"]["acked_not_processed"] = acked_lost
+    if shards:
+        adapter = {k: sum(a[k] for a in shards) for k, v in shards[0].items() if isinstance(v, (int, float))}
+        latencies_publish = [x for a in shards for x in a["publish_latency_s"]]
+        adapter["acked_not_processed"] = adapter["acked_samples"] - adapter["processed_samples"]
+        adapter["shards"] = [{k: v for k, v in a.items() if k != "publish_latency_s"} for a in shards]
+        metrics["adapter"] = adapter
         metrics["adapter_updates_per_s"] = round(adapter["published"] / stream_s, 2)
-        metrics["publish_latency_s"] = {"p50": percentile(adapter["publish_latency_s"], 50),
-                                        "p99": percentile(adapter["publish_latency_s"], 99)}
+        metrics["adapter_samples_per_s"] = round(adapter["processed_samples"] / stream_s, 1)
+        metrics["adapter_cpu_s_per_sample"] = round(adapter["busy_s"] / max(adapter["processed_samples"], 1), 5)
+        metrics["publish_latency_s"] = {"p50": percentile(latencies_publish, 50),
+                                        "p99": percentile(latencies_publish, 99)}
     return metrics
 
 

@@ -1,0 +1,116 @@
+"""The fleet's cloud side without Ray: budgets, shards, the version board, and the durability promise
+under injected faults (corrupt checkpoints, storage errors, retried calls)."""
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tdmr_ray.cema import UploadMessage
+from tdmr_ray.fleet import CloudAdapterActor, FleetConfig, read_uploads
+from tdmr_ray.fleet.adapter import shard_of
+from tdmr_ray.fleet.host import lowest_entropy
+
+RNG = np.random.default_rng(0)
+
+
+def upload(device: str, batch: int, n: int = 16) -> UploadMessage:
+    images = RNG.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+    return UploadMessage(device, images, 0, RNG.random(n).astype(np.float32), seq=batch)
+
+
+def make_adapter(tmp_path, name="a", **cfg) -> CloudAdapterActor:
+    cfg = FleetConfig(storage=str(tmp_path / "store"), run_name=name, checkpoint_every_s=1000, **cfg)
+    return CloudAdapterActor(cfg, str(tmp_path / name), "x@v1")
+
+
+def test_budget_keeps_the_lowest_entropy_samples_in_batch_order():
+    msg = UploadMessage("d", np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1).repeat(32, 1).repeat(32, 2)
+                        .repeat(3, 3), 0, np.array([0.5, 0.1, 0.9, 0.2, 0.3], np.float32), seq=3)
+    cut = lowest_entropy(msg, 3)
+    assert cut.images[:, 0, 0, 0].tolist() == [1, 3, 4] and cut.entropies.tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert cut.seq == 3 and cut.device_id == "d"
+
+
+def test_keys_hash_to_shards_stably_and_a_shard_refuses_foreign_keys(tmp_path):
+    assert [shard_of(f"dev-{i:05d}", 4) for i in range(8)] == [shard_of(f"dev-{i:05d}", 4) for i in range(8)]
+    assert len({shard_of(f"dev-{i:05d}", 4) for i in range(64)}) == 4  # every shard gets keys
+    adapter = CloudAdapterActor(FleetConfig(storage=str(tmp_path / "s"), run_name="sh", checkpoint_every_s=1000),
+                                str(tmp_path / "sh"), "x@v1", shard=1, shards=2)
+    foreign = next(k for k in ("g0", "g1", "g2", "g3") if shard_of(k, 2) == 0)
+    reply = adapter.upload(upload("d", 1), foreign, time.time())
+    assert reply["status"] == "rejected" and "shard 0" in reply["error"]
+    assert adapter.state_name.endswith("-shard1")
+
+
+def test_versions_reach_the_board_and_rates_are_advertised(tmp_path):
+    adapter = make_adapter(tmp_path, "board")
+    replies = [adapter.upload(upload(f"d{i % 2}", i), "g", time.time()) for i in range(6)]
+    assert all(r["status"] == "ok" and r["rate"] > 0 for r in replies)
+    adapter.drain()
+    board = adapter.poll({}, ["g", "other"])
+    version, params, sent_at = board["updates"]["g"]
+    assert version >= 1 and params and sent_at <= time.time()
+    assert adapter.poll({"g": version}, ["g"])["updates"] == {}  # nothing newer than what the host has
+    assert set(board["rates"]) == {"g", "other"}
+    # one step per full cloud batch (6 x 16 = 96 samples = 3 batches), no replay-only steps while queued
+    assert adapter.stats()["steps"] >= 3 and adapter.stats()["processed_samples"] == 96
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    first = make_adapter(tmp_path, "corrupt")
+    for i in range(4):
+        assert first.upload(upload("d", i), "g", time.time())["status"] == "ok"
+    first.drain()  # checkpoint v1: 4 uploads
+    for i in range(4, 6):
+        assert first.upload(upload("d", i), "g", time.time())["status"] == "ok"
+    first.drain()  # checkpoint v2: 6 uploads
+    newest = Path(tmp_path / "store" / "registry" / first.state_name / "v000002" / "tensors.safetensors")
+    newest.write_bytes(b"not a checkpoint")
+    restarted = make_adapter(tmp_path, "corrupt")
+    stats = restarted.drain()
+    assert stats["restored_from"] == 1  # v2 is unreadable: v1, and the log after it
+    assert stats["acked_samples"] == stats["processed_samples"] == 6 * 16
+    assert read_uploads(str(tmp_path / "corrupt")).num_rows == 6 * 16
+
+
+def test_storage_errors_are_retried_and_an_unlogged_upload_is_never_acknowledged(tmp_path):
+    adapter = make_adapter(tmp_path, "flaky")
+    real_write, failures = adapter.store.write, {"left": 2}
+
+    def flaky_write(name, data):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError("503 Slow Down")
+        real_write(name, data)
+
+    adapter.store.write = flaky_write
+    assert adapter.upload(upload("d", 1), "g", time.time())["status"] == "ok"  # two transient errors, retried
+    failures["left"] = 100
+    reply = adapter.upload(upload("d", 2), "g", time.time())
+    assert reply["status"] == "error" and "503" in reply["error"]  # not logged, so not acknowledged
+    failures["left"] = 0
+    assert adapter.upload(upload("d", 2), "g", time.time())["status"] == "ok"  # the device may send it again
+    # a failing checkpoint is counted and the worker goes on processing
+    real_publish = adapter.registry.publish
+    adapter.registry.publish = lambda *a, **k: (_ for _ in ()).throw(OSError("500 Internal Error"))
+    adapter.last_checkpoint = 0.0
+    assert adapter.upload(upload("d", 3), "g", time.time())["status"] == "ok"
+    deadline = time.time() + 60
+    while adapter.stats()["checkpoint_failures"] < 1 and time.time() < deadline:
+        time.sleep(0.1)
+    assert adapter.stats()["checkpoint_failures"] >= 1 and adapter.worker.is_alive()
+    adapter.registry.publish = real_publish
+    stats = adapter.drain()
+    assert stats["acked_samples"] == stats["processed_samples"] == 3 * 16 and stats["log_failures"] == 1
+    assert read_uploads(str(tmp_path / "flaky")).num_rows == 3 * 16
+
+
+def test_retried_calls_are_dropped_and_the_dedup_memory_stays_bounded(tmp_path):
+    adapter = make_adapter(tmp_path, "dedup", adapter_queue_samples=100000)
+    for i in range(300):
+        adapter.upload(upload("d", i, n=1), "g", time.time())
+    assert adapter.upload(upload("d", 299, n=1), "g", time.time()).get("duplicate")
+    assert len(adapter.recent["d"]) <= 2 * 64 + 1
+    stats = adapter.drain()
+    assert stats["acked_uploads"] == 300 and stats["duplicates"] == 1
