@@ -20,6 +20,7 @@ restarted host (Ray restarts the actor and retries the round) resumes from there
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import time
@@ -106,6 +107,7 @@ class DeviceHost:
                     self._device_batch(d)
             self._collect(block=False)
         self._checkpoint()
+        release_freed_memory()
         return {"host": self.index, "seconds": time.perf_counter() - start,
                 "seen": sum(s.accounting.seen for s in self.state.values()) - seen0,
                 "uploaded": sum(s.accounting.uploaded for s in self.state.values()) - up0,
@@ -258,6 +260,17 @@ class DeviceHost:
             if self.state[d].device_id != d:
                 raise ValueError(f"{self.ckpt}: device {i} is {self.state[d].device_id}, expected {d}")
         return True
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc). A host interleaves each batch's large,
+    short-lived buffers with every device's small, long-lived state tensors, so freed pages stay
+    pinned in the heap: measured in one process, 316 KiB of resident memory per device after two
+    batches, 113 KiB after ``malloc_trim``. A no-op where glibc is not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_bytes() -> int:
