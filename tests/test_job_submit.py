@@ -1,0 +1,109 @@
+"""Jobs submitted as README shows them, to a real ``ray start --head`` cluster with token
+authentication on: the ``ray job submit`` CLI and the Python ``JobSubmissionClient``."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+CEMA_SMALL = ["--devices", "6", "--batches-per-device", "2", "--pool-size", "128", "--batch-size", "32",
+              "--corruptions", "fog", "--no-plot"]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_start_cluster(ray_session):
+    """``ray start --head --block`` in its own process group (its own temp dir and ports, so the
+    test session's local instance is untouched); yields the dashboard/jobs address."""
+    tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    gcs, dash, client, agent, agent_grpc, metrics, rt_env = _free_ports(7)
+    # As a user who activated the venv and exported the data paths before `ray start`
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
+         f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"],
+        env=env, stdout=open(tmp / "ray-start.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    from ray.job_submission import JobSubmissionClient
+
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                pytest.fail(f"ray start did not come up:\n{(tmp / 'ray-start.log').read_text()[-3000:]}")
+            time.sleep(1)
+    yield address, tmp
+    os.killpg(proc.pid, signal.SIGTERM)  # --block: ray start stops the head's processes on SIGTERM
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def token_env(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # README: export it for the job and serve CLIs
+
+
+def test_ray_job_submit_cli_runs_the_fleet_job(ray_start_cluster):
+    address, tmp = ray_start_cluster
+    out, store = tmp / "cema-out", tmp / "store"
+    proc = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+                           "python", "jobs/cema.py", *CEMA_SMALL, "--output-dir", str(out), "--storage", str(store)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["samples"] == 6 * 2 * 32
+    assert summary["metrics"]["adapter"]["acked_samples"] == summary["metrics"]["adapter"]["processed_samples"]
+
+
+def test_job_submission_client_runs_the_evaluation_job(ray_start_cluster):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, tmp = ray_start_cluster
+    out = tmp / "eval-out"
+    client = JobSubmissionClient(address)
+    job = client.submit_job(entrypoint=f"python jobs/evaluate.py --models resnet20 --limit 64 --corruptions fog "
+                            f"--output-dir {out} --storage {tmp / 'store'}",
+                            runtime_env={"working_dir": str(REPO)})
+    deadline = time.time() + 600
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, "job did not finish"
+        time.sleep(2)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["job"] == "evaluate" and summary["metrics"]
+
+
+def test_job_submit_without_the_token_mode_is_refused(ray_start_cluster, monkeypatch):
+    """What README warns about: with token auth on, the CLI needs RAY_AUTH_MODE=token."""
+    address, _ = ray_start_cluster
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    proc = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "token" in (proc.stdout + proc.stderr).lower()
