@@ -17,6 +17,10 @@ Parts (``--parts``, all by default), each a table in bench/results/fleet.{json,m
    only, one per CPU) and a single-process loop over the same edge forwards (no Ray, best of 1
    thread and one thread per host). Ratio = edge-only fleet / single process; resident memory of
    every Ray process of the fleet; memory per added device.
+4. ``faults``: the quick fleet while host-0 and adapter-0 are killed ``--kills`` times each at
+   random moments (Ray restarts them), and ``jobs/cema.py --preset quick`` whose whole process
+   group is killed mid-stream and rerun with ``--resume``: acknowledged samples lost (must be 0),
+   the upload log's rows, accuracy and lift against the unfaulted run of part 2.
 
     TDMR_DATA=../shared/data TDMR_WEIGHTS=../shared/weights/cifar10-resnet python bench/fleet.py
 """
@@ -189,6 +193,75 @@ def part_sizes(args, tmp: Path, cpus: int) -> list[dict]:
     return rows
 
 
+# -- part 4: faults -----------------------------------------------------------------------------------------
+def fault_row(kind: str, m: dict, kills: list[str], baseline: dict | None) -> dict:
+    from tdmr_ray.fleet import read_uploads
+
+    a = m["adapter"]
+    logged = read_uploads(m["run_store"]).num_rows
+    return {"faults": kind, "kills": len(kills), "killed": ", ".join(kills), "samples": m["samples"],
+            "acked_samples": a["acked_samples"], "processed_samples": a["processed_samples"],
+            "acked_lost": a["acked_samples"] - a["processed_samples"], "logged_samples": logged,
+            "accuracy": m["accuracy"], "lift": m["lift"]["lift"], "hosts_restored": m["hosts_restored"],
+            "adapter_restored_from": a["restored_from"],
+            "unfaulted_accuracy": baseline["accuracy"] if baseline else None,
+            "unfaulted_lift": baseline["lift"] if baseline else None}
+
+
+def part_faults_actors(args, tmp: Path, baseline: dict | None) -> dict:
+    """One quick fleet run; a thread kills host-0 and adapter-0 (Ray restarts them) at random moments."""
+    import threading
+
+    rng = np.random.default_rng(args.seed + 1)
+    kills, stop = [], threading.Event()
+
+    def killer():
+        roles = ["host-0", "adapter-0"] * args.kills
+        rng.shuffle(roles)
+        for role in roles:
+            if stop.wait(float(rng.uniform(8, 25))):
+                return
+            match = [n for n in ray.util.list_named_actors() if n.startswith("benchfaults") and n.endswith(role)]
+            if match:
+                ray.kill(ray.get_actor(match[0]), no_restart=False)
+                kills.append(f"{role}@{time.strftime('%H:%M:%S')}")
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    m = fleet_run(tmp, "faults", seed=args.seed, **FLEET_PRESETS["quick"])
+    stop.set()
+    return fault_row("host + adapter kills", m, kills, baseline)
+
+
+def part_faults_driver(args, tmp: Path, baseline: dict | None) -> dict:
+    """The job as a user runs it, its process group killed mid-stream, then rerun with --resume."""
+    import os
+    import signal
+    import subprocess
+
+    out, store = tmp / "driver-run", tmp / "driver-store"
+    cmd = [sys.executable, "jobs/cema.py", "--preset", "quick", "--no-plot", "--run-name", "benchdriver",
+           "--storage", str(store), "--seed", str(args.seed)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd + ["--output-dir", str(out)], cwd=repo, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait = float(np.random.default_rng(args.seed + 2).uniform(15, 60))
+    for line in proc.stdout:  # kill a random while after the stream started
+        if "stream ..." in line:
+            time.sleep(wait)
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    run_id = f"benchdriver-{out.name}"
+    resumed = subprocess.run(cmd + ["--output-dir", str(tmp / "driver-resumed"), "--resume", run_id], cwd=repo,
+                             env=env, capture_output=True, text=True)
+    if resumed.returncode:
+        raise RuntimeError(f"the resumed run failed:\n{resumed.stdout[-2000:]}\n{resumed.stderr[-2000:]}")
+    m = json.loads((tmp / "driver-resumed" / "summary.json").read_text())["metrics"]
+    return fault_row("driver killed, --resume", m, [f"driver after {wait:.0f} s of stream"], baseline)
+
+
 def table(rows: list[dict], cols: list[str]) -> list[str]:
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
            ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
@@ -196,7 +269,9 @@ def table(rows: list[dict], cols: list[str]) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", default=["adapter", "lift", "sizes"], choices=["adapter", "lift", "sizes"])
+    p.add_argument("--parts", nargs="+", default=["adapter", "lift", "sizes", "faults"],
+                   choices=["adapter", "lift", "sizes", "faults"])
+    p.add_argument("--kills", type=int, default=2, help="kills of each of host-0 and adapter-0 in the faults run")
     p.add_argument("--adapter-uploads", type=int, default=48)
     p.add_argument("--key-by", nargs="+", default=["group", "device"])
     p.add_argument("--paced-interval-s", type=float, default=180.0,
@@ -231,6 +306,19 @@ def main(argv=None):
                                              "single_process_samples_per_s", "ratio_edge_only_to_single_process",
                                              "lift", "refused_fraction", "apply_latency_p50_s", "fleet_rss_gib",
                                              "rss_per_added_device_kib", "device_state_kib"]) + [""]
+        if "faults" in args.parts:
+            lift_rows = result.get("lift") or json.loads((args.out_dir / "fleet.json").read_text()).get("lift", [])
+            baseline = next((r for r in lift_rows if r["key_by"] == "group" and not r["device_interval_s"]), None)
+            rows = [part_faults_actors(args, Path(tmp), baseline)]
+            print(json.dumps(rows[-1]), flush=True)
+            ray.shutdown()  # the driver run starts its own local Ray, as a user's would
+            rows.append(part_faults_driver(args, Path(tmp), baseline))
+            print(json.dumps(rows[-1]), flush=True)
+            result["faults"] = rows
+            lines += ["Faults (quick fleet; acknowledged samples lost must be 0):", ""]
+            lines += table(rows, ["faults", "kills", "killed", "samples", "acked_samples", "processed_samples",
+                                  "acked_lost", "logged_samples", "accuracy", "lift", "hosts_restored",
+                                  "adapter_restored_from", "unfaulted_accuracy", "unfaulted_lift"]) + [""]
     ray.shutdown()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"fleet{args.tag}.json").write_text(json.dumps(result, indent=1))

@@ -5,10 +5,15 @@ A request names its device or group with Serve's multiplexing header ``serve_mul
 the replica then applies that id's newest normalization-parameter set (registry name
 ``<params_prefix><id>``) on top of the shared frozen model. Without the header the base model answers.
 
-New versions are picked up by *polling* the registry (every ``poll_interval_s``): the registry is
-the single source of truth that the cloud adapter already writes, polling needs no channel from the
-adapter to every replica on every node, and a version is swapped in between two batches, so no
-request fails or sees a half-applied set.
+New versions are picked up by *polling* the registry (every ``poll_interval_s``, in a thread off
+the event loop): the registry is the single source of truth that the cloud adapter already writes,
+polling needs no channel from the adapter to every replica on every node, and a version is swapped
+in on the event loop between two batches, so no request fails or sees a half-applied set. The poll
+also lists the registry's names, so an unknown device id is answered from that list: random ids
+cannot make a replica read the registry per request.
+
+The API key comes from ``TDMR_SERVE_API_KEY`` in the replicas' environment (a runtime_env or a
+secret), never from ``user_config``, which Serve's REST API shows to whoever can read it.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from serve.codec import BadRequest, decode_request, encode_predictions
-from tdmr_ray.models import norm_affine_parameters, set_norm_affine
+from tdmr_ray.models import norm_affine_parameters
 from tdmr_ray.registry import Registry, RegistryError
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
@@ -41,7 +46,6 @@ DEFAULTS = {
     "batch_wait_timeout_s": 0.002,
     "max_images_per_request": 256,
     "max_request_bytes": 16 * 1024 * 1024,
-    "api_key": "",  # or $TDMR_SERVE_API_KEY; sent as "Authorization: Bearer <key>" or "X-API-Key"
     "threads": 1,
 }
 
@@ -67,6 +71,8 @@ class EdgeModelServer:
         self.model_ref = ""
         self._sets: weakref.WeakValueDictionary[str, ParamSet] = weakref.WeakValueDictionary()
         self._poller: asyncio.Task | None = None
+        self._known: set[str] = set()  # registry names, listed by the poller
+        self._listed_at = 0.0
         # Where a replica's time goes (GET /models shows it; bench/serve.py reads it).
         self.timing = {"requests": 0, "decode_s": 0.0, "forward_s": 0.0, "encode_s": 0.0, "batches": 0, "images": 0}
         if config:  # bind() arguments; otherwise Serve calls reconfigure(user_config) next
@@ -74,63 +80,103 @@ class EdgeModelServer:
 
     # -- configuration and reloading -------------------------------------------------------
     def reconfigure(self, user_config: dict) -> None:
+        if "api_key" in user_config:
+            raise ValueError("serve config: api_key must not be in user_config (Serve's REST API shows it); "
+                             "set TDMR_SERVE_API_KEY in the replicas' environment (runtime_env env_vars)")
         unknown = set(user_config) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown serve config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         self.config.update(user_config)
         torch.set_num_threads(int(self.config["threads"]))
         self.registry = Registry(self.config["registry"] or None)
-        self.api_key = self.config["api_key"] or os.environ.get("TDMR_SERVE_API_KEY", "")
+        self.api_key = os.environ.get("TDMR_SERVE_API_KEY", "")
         self.predict_batch.set_max_batch_size(int(self.config["max_batch_size"]))
         self.predict_batch.set_batch_wait_timeout_s(float(self.config["batch_wait_timeout_s"]))
         self._load_base_model()
 
     def _load_base_model(self) -> None:
+        loaded = self._read_base_model()
+        if loaded is not None:
+            self._swap_base_model(*loaded)
+
+    def _read_base_model(self):
+        """The newest base model, if it is not the one served (registry I/O: runs in a thread)."""
         name = self.config["model"]
         version = self.registry.latest_version(name)
         if version is None:
             raise RegistryError(f"serve: no model named {name!r} in registry {self.registry.uri}")
         ref = f"{name}@v{version}"
         if ref == self.model_ref:
-            return
-        model = self.registry.load_model(name, version).eval()
-        meta = self.registry.meta(name, version)
+            return None
+        return ref, self.registry.load_model(name, version).eval(), self.registry.meta(name, version)
+
+    def _swap_base_model(self, ref: str, model, meta: dict) -> None:
         # (not "self.classes": cloudpickle would then try to ship the torch.classes module)
         self.class_names = meta.get("classes") or [str(i) for i in range(model.num_classes)]
         self.channels = model.arch.get("in_chans", 3)
-        self.model, self.model_ref = model, ref  # swapped between batches: requests see one or the other
         self.live_affine = norm_affine_parameters(model)
         self.base_affine = {k: v.detach().clone() for k, v in self.live_affine.items()}
+        self.model, self.model_ref = model, ref  # swapped between batches: requests see one or the other
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        if self.model is None and self.config.get("model") and self._poller is not None:
+            raise RuntimeError("serve: no model loaded")
+        if self._poller is not None and self._poller.done() and not self._poller.cancelled():
+            raise RuntimeError(f"serve: the registry poller stopped: {self._poller.exception()!r}")
 
     def _ensure_poller(self) -> None:
-        if self._poller is None or self._poller.done():
+        if self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(float(self.config["poll_interval_s"]))
             try:
-                self._load_base_model()
+                loaded = await asyncio.to_thread(self._read_base_model)
+                if loaded is not None:
+                    self._swap_base_model(*loaded)
+                await asyncio.to_thread(self._list_names)
                 for param_set in list(self._sets.values()):
-                    self._refresh(param_set)
+                    found = await asyncio.to_thread(self._read_params, param_set)
+                    if found is not None:
+                        param_set.params, param_set.ref = found
             except Exception as exc:  # keep serving the versions we have
                 print(f"[serve] poll failed, keeping current versions: {exc}", flush=True)
 
-    def _refresh(self, param_set: ParamSet) -> None:
+    def _list_names(self) -> None:
+        self._known = set(self.registry.names())
+        self._listed_at = time.monotonic()
+
+    def _read_params(self, param_set: ParamSet) -> tuple[dict, str] | None:
+        """The newest version of a parameter set if newer than ``param_set``'s, validated against
+        the served model (registry I/O: runs in a thread; nothing is written to the model)."""
         version = self.registry.latest_version(param_set.name)
-        if version is not None and f"{param_set.name}@v{version}" != param_set.ref:
-            params, meta = self.registry.load_tensors(param_set.name, version)
-            set_norm_affine(self.model, params)  # validates all keys/shapes before use
-            self._apply(self.base_affine)
-            param_set.params, param_set.ref = params, f"{param_set.name}@v{version}"
+        if version is None or f"{param_set.name}@v{version}" == param_set.ref:
+            return None
+        params, meta = self.registry.load_tensors(param_set.name, version)
+        base = str(meta.get("base") or "").split("@")[0]
+        if base and base != self.config["model"]:
+            raise ValueError(f"{param_set.name}@v{version} is for model {base!r}, not the served {self.config['model']!r}")
+        expected = self.base_affine
+        if set(params) != set(expected) or any(params[k].shape != expected[k].shape for k in expected):
+            raise ValueError(f"{param_set.name}@v{version} does not fit the served model's normalization parameters")
+        if not all(torch.isfinite(v).all() for v in params.values()):
+            raise ValueError(f"{param_set.name}@v{version} holds non-finite values")
+        return params, f"{param_set.name}@v{version}"
 
     @serve.multiplexed(max_num_models_per_replica=256)
     async def get_param_set(self, device_id: str) -> ParamSet:
         name = f"{self.config['params_prefix']}{device_id}"
-        if self.registry.latest_version(name) is None:
+        if name not in self._known and time.monotonic() - self._listed_at > float(self.config["poll_interval_s"]):
+            await asyncio.to_thread(self._list_names)  # at most once per poll interval, whatever the ids
+        if name not in self._known:
             raise UnknownDevice(f"unknown device or group {device_id!r}: no parameter set {name!r} in the registry")
         param_set = ParamSet(name, {}, "")
-        self._refresh(param_set)
+        found = await asyncio.to_thread(self._read_params, param_set)
+        if found is None:
+            raise UnknownDevice(f"unknown device or group {device_id!r}: no complete version of {name!r}")
+        param_set.params, param_set.ref = found
         self._sets[device_id] = param_set
         return param_set
 

@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import json
+import math
 
 import numpy as np
 
@@ -44,9 +45,10 @@ def decode_request(body: bytes, input_size: int, channels: int, max_images: int)
             raise BadRequest(400, "'images' must be a non-empty list of base64-encoded PNG/JPEG images")
         if len(items) > max_images:
             raise BadRequest(413, f"{len(items)} images in one request; at most {max_images}")
-        x = np.stack([_decode_image(_b64(v, f"images[{i}]"), i, channels) for i, v in enumerate(items)])
+        x = np.stack([_decode_image(_b64(v, f"images[{i}]"), i, channels, input_size)
+                      for i, v in enumerate(items)])
     elif "array" in payload:
-        x = _decode_array(payload, max_images)
+        x = _decode_array(payload, max_images, (input_size, input_size, channels))
     else:
         raise BadRequest(400, f"body needs 'images' or 'array'; got keys {sorted(payload)[:10]}")
     expected = (input_size, input_size, channels)
@@ -56,20 +58,24 @@ def decode_request(body: bytes, input_size: int, channels: int, max_images: int)
     return x
 
 
-def _decode_image(data: bytes, index: int, channels: int) -> np.ndarray:
+def _decode_image(data: bytes, index: int, channels: int, input_size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
             if im.format not in ("PNG", "JPEG"):
                 raise BadRequest(415, f"images[{index}] is {im.format}; send PNG or JPEG")
+            # Checked before decoding: a small PNG can hold a huge canvas (a decompression bomb).
+            if im.size != (input_size, input_size):
+                raise BadRequest(422, f"images[{index}] is {im.size[0]}x{im.size[1]}; images must be "
+                                      f"{input_size}x{input_size}")
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise BadRequest(400, f"images[{index}] cannot be decoded as PNG/JPEG ({exc})") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _decode_array(payload: dict, max_images: int) -> np.ndarray:
+def _decode_array(payload: dict, max_images: int, image_shape: tuple[int, int, int]) -> np.ndarray:
     shape, dtype = payload.get("shape"), payload.get("dtype", "uint8")
     if dtype != "uint8":
         raise BadRequest(422, f"dtype must be 'uint8' (pixels 0-255), got {dtype!r}")
@@ -78,9 +84,13 @@ def _decode_array(payload: dict, max_images: int) -> np.ndarray:
         raise BadRequest(422, f"'shape' must be [N, H, W, C] of positive integers, got {shape!r}")
     if shape[0] > max_images:
         raise BadRequest(413, f"{shape[0]} images in one request; at most {max_images}")
+    if tuple(shape[1:]) != tuple(image_shape):
+        raise BadRequest(422, f"images must be {image_shape[0]}x{image_shape[1]} with {image_shape[2]} channel(s) "
+                              f"(H, W, C = {tuple(image_shape)}), got {tuple(shape[1:])}")
     data = _b64(payload["array"], "'array'")
-    if len(data) != int(np.prod(shape)):
-        raise BadRequest(422, f"'array' holds {len(data)} bytes but shape {shape} needs {int(np.prod(shape))}")
+    needed = math.prod(shape)  # Python ints: no overflow, whatever the client sends
+    if len(data) != needed:
+        raise BadRequest(422, f"'array' holds {len(data)} bytes but shape {shape} needs {needed}")
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 

@@ -131,6 +131,31 @@ def test_adapter_killed_mid_run_loses_no_acknowledged_sample(ray_session, tmp_pa
     ray.kill(adapter)
 
 
+def test_driver_killed_mid_run_resumes_with_nothing_lost(ray_session, tmp_path):
+    """The job's process (and the Ray instance it started) killed early in the stream, before any
+    host checkpoint; rerun with --resume: every batch runs once, no acknowledged sample is lost."""
+    import os
+    import signal
+    import subprocess
+
+    import cema
+
+    args = [*SMALL, "--batches-per-device", "6", "--storage", str(tmp_path / "store"), "--run-name", "dkill"]
+    proc = subprocess.Popen([sys.executable, "jobs/cema.py", *args, "--output-dir", str(tmp_path / "first")],
+                            cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "stream ..." in line:
+            time.sleep(1.0)
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the job ended before it was killed"
+    summary = cema.main([*args, "--output-dir", str(tmp_path / "resumed"), "--resume", "dkill-first"])
+    m = check_books(summary, tmp_path, "dkill", batches=6, restarted=True)
+    assert m["run_id"] == "dkill-first" and m["adapter"]["acked_samples"] > 0
+
+
 def test_malformed_uploads_are_rejected_and_counted(ray_session, tmp_path):
     import ray
 

@@ -60,9 +60,13 @@ def ray_start_cluster(ray_session):
     yield address, tmp
     os.killpg(proc.pid, signal.SIGTERM)  # --block: ray start stops the head's processes on SIGTERM
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
+        pass
+    try:  # whatever is left of the throwaway cluster (its processes share the group)
         os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     shutil.rmtree(tmp, ignore_errors=True)
 
 

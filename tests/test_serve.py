@@ -75,7 +75,7 @@ def test_bad_inputs_get_4xx_naming_the_problem(server):
         (b'{"foo": 1}', 400, "needs 'images' or 'array'"),
         (b'{"images": ["!!!"]}', 400, "not valid base64"),
         (b'{"images": ["' + base64.b64encode(b"hello").decode().encode() + b'"]}', 400, "cannot be decoded"),
-        (b'{"array": "AAAA", "shape": [1, 2, 2, 1], "dtype": "uint8"}', 422, "holds 3 bytes"),
+        (b'{"array": "AAAA", "shape": [1, 32, 32, 3], "dtype": "uint8"}', 422, "holds 3 bytes"),
         (b'{"array": "AAAA", "shape": [1, 1, 1, 3], "dtype": "float32"}', 422, "dtype must be 'uint8'"),
     ]
     for body, status, message in cases:
@@ -83,6 +83,17 @@ def test_bad_inputs_get_4xx_naming_the_problem(server):
         assert r.status_code == status and message in r.json()["error"], (body, r.text)
     wrong = requests.post(f"{url}/predict", json=encode_array(np.zeros((1, 28, 28, 3), np.uint8)), timeout=30)
     assert wrong.status_code == 422 and "32x32" in wrong.json()["error"]
+    # a shape whose product overflows int64 is a client error, not a 500
+    huge = {"array": "AAAA", "shape": [1, 2**40, 2**40, 3], "dtype": "uint8"}
+    r = requests.post(f"{url}/predict", json=huge, timeout=30)
+    assert r.status_code == 422 and "32x32" in r.json()["error"]
+    # a decompression bomb: a few KB of PNG holding a 10,000 x 10,000 canvas is refused from its header
+    buf = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(buf, format="PNG", optimize=True)
+    assert len(buf.getvalue()) < 200_000
+    t0 = time.perf_counter()
+    r = requests.post(f"{url}/predict", json={"images": [base64.b64encode(buf.getvalue()).decode()]}, timeout=30)
+    assert r.status_code == 422 and "10000x10000" in r.json()["error"] and time.perf_counter() - t0 < 5
     big = requests.post(f"{url}/predict", json=encode_array(np.zeros((100, 32, 32, 3), np.uint8)), timeout=30)
     assert big.status_code == 413
     unknown = requests.post(f"{url}/predict", json=encode_array(np.zeros((1, 32, 32, 3), np.uint8)),
@@ -118,3 +129,21 @@ def test_device_params_and_hot_update(server, clean_subset):
     assert base["params"] is None and base["predictions"] == before  # other ids unaffected
     models = requests.get(f"{url}/models", timeout=30).json()
     assert models["model"] == "resnet20-cifar10@v1" and models["loaded_params"]["dev-1"] == "edge-dev-1@v2"
+
+
+def test_parameters_for_another_model_are_refused(server, clean_subset):
+    url, registry, model = server
+    registry.publish_edge_params("edge-dev-other", get_norm_affine(model), base="some-other-model@v3")
+    time.sleep(0.5)  # the next poll lists it
+    r = requests.post(f"{url}/predict", json=encode_array(clean_subset.x[:2]), headers={HDR: "dev-other"}, timeout=30)
+    assert r.status_code == 409 and "some-other-model" in r.json()["error"]
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
+def test_api_key_is_refused_in_user_config():
+    from serve.app import EdgeModelServer
+
+    server = EdgeModelServer.func_or_class.__new__(EdgeModelServer.func_or_class)
+    server.config = {}
+    with pytest.raises(ValueError, match="TDMR_SERVE_API_KEY"):
+        EdgeModelServer.func_or_class.reconfigure(server, {"api_key": "secret"})

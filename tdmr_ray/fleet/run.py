@@ -81,7 +81,8 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
     uploads = METHODS[cfg.method].uploads and cfg.uploads
     run_uri = fleet_run_uri(cfg, run)
     cfg.run_id = fleet_run_id(cfg, run)  # (not a setting: travels with cfg to the actors)
-    if cfg.resume and RunStore(run_uri).read("hosts/host-0.safetensors") is None:
+    store = RunStore(run_uri)  # a run exists once it logged an upload or checkpointed a host
+    if cfg.resume and not (store.list("hosts") or store.list("uploads")):
         raise ValueError(f"--resume {cfg.resume}: no such fleet run in {join(resolve_storage(cfg.storage), 'fleet')}")
     print(f"[cema] run id {cfg.run_id} ({'resumed' if cfg.resume else 'fresh'}; continue it with --resume {cfg.run_id})",
           flush=True)
