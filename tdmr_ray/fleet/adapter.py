@@ -32,14 +32,12 @@ counted and retried later: none of them stops the worker.
 from __future__ import annotations
 
 import hashlib
-import io
 import threading
 import time
 from collections import deque
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -48,14 +46,8 @@ from ..cema import CloudAdapter, UploadMessage, method_config
 from ..registry import Registry
 from ..runtime import resolve_model
 from ..storage import RunStore
+from .upload_log import WAL_SCHEMA, compact, group_by_seq, last_seq, log_files, read_uploads, retry, write_parquet
 
-WAL_SCHEMA = pa.schema([("seq", pa.int64()), ("device_id", pa.string()), ("key", pa.string()),
-                        ("batch", pa.int64()), ("param_version", pa.int64()), ("sent_at", pa.float64()),
-                        ("height", pa.int32()), ("width", pa.int32()), ("channels", pa.int32()),
-                        ("image", pa.binary()),
-                        # the device's TBR statistics (safetensors bytes, first row of an upload only;
-                        # EdgeConfig.stats_source="upload") and its shift count (ShiftConfig)
-                        ("stats", pa.binary()), ("shift_epoch", pa.int64()), ("shard", pa.int32())])
 RECENT_BATCHES = 64  # per device: batch numbers remembered to drop retried calls
 
 
@@ -63,45 +55,6 @@ def shard_of(key: str, shards: int) -> int:
     """The shard that owns ``key``: a stable hash, the same in every process and run."""
     # (sha1, not crc32: crc32 is linear, and names that differ in one character share its low bits)
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % max(1, shards)
-
-
-def retry(fn, what: str, attempts: int = 4, first_wait_s: float = 0.2):
-    """Call ``fn`` until it succeeds, waiting 0.2, 0.8, 3.2 s between attempts (storage hiccups:
-    S3 5xx, timeouts); the last error propagates, naming ``what``."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:  # storage errors come in many types (OSError, pyarrow, botocore)
-            if attempt == attempts - 1:
-                raise OSError(f"{what} failed after {attempts} attempts: {exc}") from exc
-            time.sleep(first_wait_s * 4 ** attempt)
-
-
-def write_parquet(store: RunStore, name: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    store.write(name, buf.getvalue())
-
-
-def _log_files(store: RunStore, shard: int | None) -> list[str]:
-    tags = ("part-", "segment-") if shard is None else (f"part-s{shard:03d}-", f"segment-s{shard:03d}-")
-    return [f for f in store.list("uploads") if f.endswith(".parquet") and f.split("/")[-1].startswith(tags)]
-
-
-def _last_seq(name: str) -> int:
-    return int(name.rsplit("-", 1)[-1].split(".")[0])
-
-
-def read_uploads(run_uri: str, after_seq: int = -1, shard: int | None = None) -> pa.Table:
-    """The logged uploads (one row per sample) of a fleet run (or of one shard), in order of
-    (shard, seq). Segments that end at or before ``after_seq`` are not read."""
-    store = RunStore(run_uri)
-    files = [f for f in _log_files(store, shard) if _last_seq(f) > after_seq]
-    if not files:
-        return WAL_SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(io.BytesIO(store.read(f))) for f in files])
-    table = table.filter(pa.compute.greater(table["seq"], after_seq))
-    return table.sort_by([("shard", "ascending"), ("seq", "ascending")])
 
 
 class CloudAdapterActor:
@@ -225,7 +178,7 @@ class CloudAdapterActor:
         with self.cv:
             self.counters["checkpoints"] += 1
         try:
-            self._compact()
+            compact(self.store, self.shard)
         except Exception as exc:  # the parts stay and are compacted next time
             print(f"[adapter {self.shard}] compacting the upload log failed: {exc}", flush=True)
         self.last_checkpoint = time.monotonic()
@@ -269,17 +222,6 @@ class CloudAdapterActor:
                          schema=WAL_SCHEMA)
         write_parquet(self.store, f"uploads/part-s{self.shard:03d}-{seq:010d}.parquet", table)
 
-    def _compact(self) -> None:
-        """Merge this shard's per-upload parts into one segment (for audit and restarts)."""
-        parts = [f for f in _log_files(self.store, self.shard) if "/part-" in f]
-        if len(parts) < 2:
-            return
-        table = pa.concat_tables([pq.read_table(io.BytesIO(self.store.read(p))) for p in parts])
-        first, last = (p.rsplit("-", 1)[-1].split(".")[0] for p in (parts[0], parts[-1]))
-        write_parquet(self.store, f"uploads/segment-s{self.shard:03d}-{first}-{last}.parquet", table)
-        for p in parts:
-            self.store.delete(p)
-
     def _load_checkpoint(self) -> dict:
         """Load the newest checkpoint that reads back whole; a corrupt one falls back to the previous."""
         for version in reversed(self.registry.versions(self.state_name)):
@@ -298,11 +240,11 @@ class CloudAdapterActor:
         self.counters["restored_from"] = meta.get("version", 0)
         for k in ("processed_samples", "acked_samples", "acked_uploads"):
             self.counters[k] = int(meta.get(k, 0))
-        files = _log_files(self.store, self.shard)
-        self.seq = max([int(meta.get("seq", 0))] + [_last_seq(f) for f in files])
+        files = log_files(self.store, self.shard)
+        self.seq = max([int(meta.get("seq", 0))] + [last_seq(f) for f in files])
         todo = read_uploads(self.run_uri, after_seq=low, shard=self.shard)
         self.wal_low, self.processed_above = low, done
-        for seq, rows in _group_by_seq(todo):
+        for seq, rows in group_by_seq(todo):
             self.recent.setdefault(rows["device_id"][0], set()).add(int(rows["batch"][0]))
             if seq in done:
                 continue
@@ -402,13 +344,3 @@ class CloudAdapterActor:
         while self.wal_low + 1 in self.processed_above:
             self.wal_low += 1
             self.processed_above.discard(self.wal_low)
-
-
-def _group_by_seq(table: pa.Table):
-    cols = table.to_pydict()
-    start = 0
-    seqs = cols["seq"]
-    for i in range(1, len(seqs) + 1):
-        if i == len(seqs) or seqs[i] != seqs[start]:
-            yield seqs[start], {k: v[start:i] for k, v in cols.items()}
-            start = i
