@@ -60,7 +60,14 @@ class DeviceHost:
         self.key = {d: (d if cfg.key_by == "device" else g) for d, g in self.group.items()}
         self.keys = sorted(set(self.key.values()))
         self.shard = {k: shard_of(k, len(adapters)) for k in self.keys}
+        self.keys_by_shard: dict[int, list[str]] = defaultdict(list)
+        for k in self.keys:
+            self.keys_by_shard[self.shard[k]].append(k)
         self.control = {d: streams.is_control(d, cfg.control_fraction, cfg.seed) for d in self.devices}
+        self.treated: dict[str, list[str]] = defaultdict(list)  # key -> its devices that apply updates
+        for d in self.devices:
+            if not self.control[d]:
+                self.treated[self.key[d]].append(d)
         self.streams = {d: DeviceStream(d, len(pools[g][1]), cfg.batch_size, cfg.seed) for d, g in self.group.items()}
         self.state = {d: self.runner.new_device(d) for d in self.devices}
         self.position = dict.fromkeys(self.devices, 0)
@@ -69,11 +76,12 @@ class DeviceHost:
         self.key_version: dict[str, int] = {}
         self.rate: dict[str, float] = {}  # key -> samples/s this host may send (its share of the shard's)
         self.tokens = dict.fromkeys(self.keys, 0.0)
-        self.refilled = time.monotonic()
+        self.refilled = dict.fromkeys(self.keys, time.monotonic())
         self.last_poll = 0.0
         self.in_flight: list = []  # (ref, n_samples)
         self.latencies: list[float] = []
-        self.trigger_sent_at: dict[tuple[str, int], float] = {}  # (key, version) -> when its oldest upload left
+        # key -> (newest version offered, when its oldest upload left): devices apply the newest offer
+        self.trigger_sent_at: dict[str, tuple[int, float]] = {}
         self.store = RunStore(run_uri)
         self.ckpt = f"hosts/host-{host_index}.safetensors"
         self.restored = self._restore()
@@ -96,11 +104,10 @@ class DeviceHost:
             sweep = time.monotonic()
             for j, d in enumerate(self.devices):
                 # device_interval_s: each device runs a batch that often (a camera's pace), spread evenly
-                wait = sweep + j * self.cfg.device_interval_s / len(self.devices) - time.monotonic()
-                while wait > 0:  # keep reading the boards while waiting
-                    time.sleep(min(wait, self.cfg.poll_interval_s))
+                due = sweep + j * self.cfg.device_interval_s / len(self.devices)
+                while time.monotonic() < due:  # keep reading the boards while waiting
+                    time.sleep(min(due - time.monotonic(), self.cfg.poll_interval_s))
                     self._poll()
-                    wait = sweep + j * self.cfg.device_interval_s / len(self.devices) - time.monotonic()
                 if time.monotonic() - self.last_poll >= self.cfg.poll_interval_s:
                     self._poll()
                 if self.position[d] < self.cfg.batches_per_device:
@@ -130,8 +137,9 @@ class DeviceHost:
         idx = self.streams[d].indices(b)
         before = state.version
         result = self.runner.infer(state, images[idx])
-        if state.version != before and (self.key[d], state.version) in self.trigger_sent_at:
-            self.latencies.append(time.time() - self.trigger_sent_at[(self.key[d], state.version)])
+        offered, sent_at = self.trigger_sent_at.get(self.key[d], (0, 0.0))
+        if state.version != before and state.version == offered:
+            self.latencies.append(time.time() - sent_at)
         self.correct[d] += int((result.predictions.numpy() == labels[idx]).sum())
         self.position[d] = b + 1
         upload = result.upload
@@ -153,11 +161,10 @@ class DeviceHost:
         """The part of ``upload`` the key's token bucket pays for (None: nothing is sent)."""
         if key not in self.rate:  # no rate known yet: send, the shard refuses what it cannot hold
             return upload
-        now = time.monotonic()
-        for k in self.keys:  # refill every bucket; at most burst_s of rate, at least one cloud batch
-            cap = max(self.cfg.min_upload, self.rate.get(k, 0.0) * self.cfg.burst_s)
-            self.tokens[k] = min(cap, self.tokens[k] + self.rate.get(k, 0.0) * (now - self.refilled))
-        self.refilled = now
+        now, rate = time.monotonic(), self.rate[key]
+        cap = max(self.cfg.min_upload, rate * self.cfg.burst_s)  # at most burst_s of rate, at least min_upload
+        self.tokens[key] = min(cap, self.tokens[key] + rate * (now - self.refilled[key]))
+        self.refilled[key] = now
         n = min(len(upload), int(self.tokens[key]))
         if n < min(len(upload), self.cfg.min_upload):  # too few to be worth a message: wait for more
             self.counters["unsent"] += len(upload)
@@ -190,10 +197,7 @@ class DeviceHost:
         self.last_poll = time.monotonic()
         if not self.adapters:  # no cloud in this run: nothing of its own to apply
             return
-        by_shard: dict[int, list[str]] = defaultdict(list)
-        for k in self.keys:
-            by_shard[self.shard[k]].append(k)
-        refs = [self.adapters[i].poll.remote(dict(self.key_version), keys) for i, keys in by_shard.items()]
+        refs = [self.adapters[i].poll.remote(dict(self.key_version), keys) for i, keys in self.keys_by_shard.items()]
         try:
             boards = ray.get(refs, timeout=self.cfg.poll_timeout_s)
         except (ray.exceptions.RayError, TimeoutError):  # a shard restarting: try again next time
@@ -205,11 +209,10 @@ class DeviceHost:
                 if version <= self.key_version.get(key, 0):
                     continue
                 self.key_version[key] = version
-                self.trigger_sent_at[(key, version)] = sent_at
+                self.trigger_sent_at[key] = (version, sent_at)
                 update = UpdateMessage(key, version, params)
-                for d in self.devices:
-                    if self.key[d] == key and not self.control[d]:
-                        self.state[d].offer(update)
+                for d in self.treated[key]:
+                    self.state[d].offer(update)
 
     # -- reporting and checkpoints -------------------------------------------------------------
     def finish(self) -> dict:
