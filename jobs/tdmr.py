@@ -1,7 +1,7 @@
 """TDMR: reprogram a frozen foundation model for a downstream task, then distil a small target
 model of another architecture from it, as a Ray Train job.
 
-    python jobs/tdmr.py --preset quick --foundation resnet56 --target resnet10t --data cifar10-jpeg
+    python jobs/tdmr.py --preset quick --foundation resnet56 --target resnet20 --data cifar10-jpeg
     python jobs/tdmr.py --data /data/my-task.tar.gz --labelled-fraction 0.1 --target mobilenetv3_small_050
     ray job submit --working-dir . -- python jobs/tdmr.py --preset full --num-workers 4 --use-gpu
 

@@ -31,7 +31,29 @@ def test_grayscale_npz_without_test_split_two_workers(ray_session, tmp_path):
     assert [(h["phase"], h["step"]) for h in m["history"]] == [("teacher", 2), ("teacher", 4),
                                                                ("distill", 2), ("distill", 4)]
     model = Registry.for_storage(str(tmp_path / "s")).load_model(summary["registry_version"].split("@")[0])
-    assert model.arch == {"name": "resnet10t", "num_classes": 3, "in_chans": 1}
+    assert model.arch == {"name": "resnet20", "num_classes": 3, "in_chans": 1}
+
+
+@pytest.mark.parametrize("method", ["scratch", "ft-kd", "lp-kd"])
+def test_every_baseline_method_runs_on_a_grayscale_npz(ray_session, tmp_path, method):
+    """Each --method trains and publishes; scratch has no teacher phase (it left no checkpoint once)."""
+    import tdmr
+
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "task.npz", x=rng.integers(0, 255, (90, 20, 20, 1), dtype=np.uint8),
+             y=np.arange(90) % 4, x_test=rng.integers(0, 255, (20, 20, 20, 1), dtype=np.uint8),
+             y_test=np.arange(20) % 4)
+    summary = tdmr.main([*TINY, "--data", str(tmp_path / "task.npz"), "--labelled-fraction", "0.05",
+                         "--method", method, "--num-workers", "1", "--target", "resnet8",
+                         "--output-dir", str(tmp_path / "out"), "--storage", str(tmp_path / "s")])
+    m = summary["metrics"]
+    assert m["method"] == method and m["classes"] == 4 and m["test_images"] == 20 and m["labelled"] == 4
+    assert 0 <= m["target_top1"] <= 100
+    phases = [(h["phase"], h["step"]) for h in m["history"]]
+    teacher_steps = [] if method == "scratch" else [("teacher", 2), ("teacher", 4)]
+    assert phases == [*teacher_steps, ("distill", 2), ("distill", 4)]
+    assert (m["teacher_top1"] is None) == (method == "scratch")
+    assert summary["registry_version"].startswith(f"resnet8-{method}-task@")
 
 
 def test_worker_killed_mid_run_resumes_at_its_step(ray_session, tmp_path):

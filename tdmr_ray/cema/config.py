@@ -88,6 +88,11 @@ class EdgeConfig:
     # (METHODS): the uploading methods use "tbr" on the edge and for both cloud models, as the reference.
     norm: str = "tbr"
     tbr_momentum: float = 0.1  # BatchNorm's default momentum, as in the reference's TBR layers
+    # Beyond the paper: the edge's own TBR statistics (local/upload) average every batch since they
+    # started (a shift reset restarts them) until 1/n reaches tbr_momentum, which is then the floor:
+    # a stationary domain's statistics average over many batches instead of the last ~10, which
+    # label-correlated batches (a few classes each) bias. False: the reference's EMA.
+    tbr_cumulative: bool = False
     mix_weight: float = 0.5  # batch share in "mix" mode (reference bn_adapt.conf momentum 0.5)
     # Where the edge's TBR statistics come from (methods that upload). "cloud" (default, the
     # reference's behaviour: its edge is a copy of the cloud's edge model, statistics included):

@@ -39,6 +39,9 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("source_var", torch.ones(num_features))
         self.mode = "tbr"
         self.mix_weight = 0.5
+        # True: the TBR statistics move by max(momentum, 1/n) at the n-th batch since they started (a
+        # cumulative average until 1/n falls to ``momentum``), not by ``momentum`` from the second batch.
+        self.cumulative = False
         # Mirrors num_batches_tracked > 0 without a device sync per forward; load_tbr_stats sets it.
         self.stats_started = False
 
@@ -107,9 +110,12 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
         else:  # the same value without a graph: normalize with the running statistics directly
             y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.training and not fresh:  # (an EMA step towards the batch it started from is a no-op)
+            step = self.momentum
+            if self.cumulative:
+                step = max(step, 1.0 / (float(self.num_batches_tracked) + 1.0))
             with torch.no_grad():
-                self.running_mean.add_(self.momentum * (mean - self.running_mean))
-                self.running_var.add_(self.momentum * (var - self.running_var))
+                self.running_mean.add_(step * (mean - self.running_mean))
+                self.running_var.add_(step * (var - self.running_var))
                 self.num_batches_tracked.add_(1)
         return y
 
@@ -138,15 +144,17 @@ def test_time_bn_modules(model: nn.Module) -> dict[str, TestTimeBatchNorm2d]:
 
 
 def set_norm_mode(model: nn.Module, mode: str, update_stats: bool = False, mix_weight: float = 0.5,
-                  momentum: float = 0.1) -> None:
+                  momentum: float = 0.1, cumulative: bool = False) -> None:
     """Select the statistics mode of every test-time BN; ``update_stats`` moves the TBR running
-    statistics by EMA with ``momentum``; ``mix_weight`` is the batch's share in ``mix`` mode."""
+    statistics by EMA with ``momentum`` (``cumulative``: by max(momentum, 1/n), see the class);
+    ``mix_weight`` is the batch's share in ``mix`` mode."""
     if mode not in NORM_MODES:
         raise ValueError(f"unknown normalization mode {mode!r}; expected one of {NORM_MODES}")
     for m in test_time_bn_modules(model).values():
         m.mode = mode
         m.mix_weight = mix_weight
         m.momentum = momentum
+        m.cumulative = cumulative
         m.train(update_stats)
 
 

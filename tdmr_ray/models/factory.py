@@ -108,7 +108,7 @@ def _cifar_resnet_builder(depth: int, name: str | None = None):
     return name, build
 
 
-for _depth in (20, 32, 44, 56, 110):
+for _depth in (8, 20, 32, 44, 56, 110):  # 8: no published weights, a small target from scratch
     _name, _build = _cifar_resnet_builder(_depth)
     register_model(_name)(_build)
 for _name, _depth in _ARCH_OF.items():
@@ -117,6 +117,8 @@ for _name, _depth in _ARCH_OF.items():
 
 def pretrained_path(name: str, weights_dir: str | None = None) -> Path:
     """Find pretrained weights: ``weights_dir``, ``$TDMR_WEIGHTS``, the torch hub cache, else download."""
+    if name not in PRETRAINED_FILES:
+        raise ValueError(f"no pretrained weights for {name!r}: pretrained CIFAR ResNets are {sorted(PRETRAINED_FILES)}")
     fname = PRETRAINED_FILES[name]
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     candidates = [Path(d) / fname for d in (weights_dir, os.environ.get("TDMR_WEIGHTS")) if d]

@@ -145,6 +145,8 @@ def train_loop(config: dict) -> None:
                   tc.steps, start_step=start, log_every=cfg.report_every, log=log_teacher)
         teacher.unwrap_trainable()
         phase, start = "distill", 0
+    if phase == "teacher":  # no teacher (scratch) or no teacher steps: phase 1 has nothing to train
+        phase, start = "distill", 0
     if teacher is not None:
         teacher.requires_grad_(False).eval()
     if phase == "distill":
