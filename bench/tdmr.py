@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import platform
 import sys
 import time
@@ -29,17 +30,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from tdmr_ray.data import load_dataset  # noqa: E402
-from tdmr_ray.tdmr import (METHODS, TDMRConfig, pretrained_foundation, regroup_classes, run_method,  # noqa: E402
-                           split_holdout, split_labelled, target_factory)
+from tdmr_ray.tdmr import (METHODS, TDMRConfig, pretrained_foundation, run_method, split_holdout,  # noqa: E402
+                           split_labelled, target_factory)
+from tdmr_ray.tdmr.tasks import make_task as build_task  # noqa: E402
 from tdmr_ray.utils import write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TASKS = {  # name -> (regrouping or None, labelled fraction)
-    "cifar10@1%": (None, 0.01),
-    "cifar10@10%": (None, 0.10),
+TASKS = {  # name -> (task of tdmr_ray.tdmr.tasks.make_task, labelled fraction)
+    "cifar10@1%": ("cifar10", 0.01),
+    "cifar10@10%": ("cifar10", 0.10),
     "cifar10-5@1%": ("cifar10-5", 0.01),
     "cifar10-2@1%": ("cifar10-2", 0.01),
     "cifar10-5@10%": ("cifar10-5", 0.10),
+    # mismatched: another domain (grayscale, inverted, 16x16), another label space, or both
+    "gray@1%": ("gray", 0.01),
+    "invert@1%": ("invert", 0.01),
+    "lowres@1%": ("lowres", 0.01),
+    "gray+cifar10-5@1%": ("gray+cifar10-5", 0.01),
+    "glyphs@2%": ("glyphs", 0.02),
 }
 PRESETS = {
     # A few minutes per task on 2 free CPU cores; 2,000 test images.
@@ -60,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--foundation", default="resnet56")
     p.add_argument("--target", default=None, help="timm name or CIFAR ResNet (default: the library's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma list: each seed draws its own labelled set and runs every "
+                   "method; the table gives mean ± std over them")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. distill.steps=100 teacher.prompt=pad (YAML/JSON values)")
     p.add_argument("--data-root", default=None, help="default: $TDMR_DATA (weights come from $TDMR_WEIGHTS)")
@@ -95,9 +104,8 @@ def build_config(preset: dict, overrides: list[str], seed: int) -> TDMRConfig:
 
 
 def make_task(name: str, train, test, seed: int, eval_images: int | None):
-    groups, fraction = TASKS[name]
-    if groups:
-        train, test = regroup_classes(train, groups), regroup_classes(test, groups)
+    task, fraction = TASKS[name]
+    train, test = build_task(task, train, test, seed)
     labelled, unlabelled = split_labelled(train, fraction, seed)
     if eval_images and eval_images < len(test):
         _, test = split_holdout(test, eval_images / len(test), seed)  # stratified subset
@@ -109,24 +117,26 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     preset = PRESETS[args.preset]
-    cfg = build_config(preset, args.set, args.seed)
+    seeds = [int(s) for s in args.seeds.split(",")]
     train = load_dataset("cifar10-jpeg", "train", args.data_root)
     test = load_dataset("cifar10-jpeg", "test", args.data_root)
     make_foundation = pretrained_foundation(args.foundation)
     make_target = target_factory(args.target) if args.target else target_factory()
     target_name = args.target or make_target(10, 3).arch["name"]
-    rows = []
-    for task in args.tasks or preset["tasks"]:
-        labelled, unlabelled, task_test = make_task(task, train, test, args.seed, preset["eval_images"])
+    rows, sizes = [], {}
+    for task, seed in [(t, s) for t in args.tasks or preset["tasks"] for s in seeds]:
+        cfg = build_config(preset, args.set, seed)
+        labelled, unlabelled, task_test = make_task(task, train, test, seed, preset["eval_images"])
+        sizes[task] = model_size(make_target(labelled.num_classes, labelled.x.shape[-1]), labelled)
         for method in args.methods:
-            print(f"[{task}] {method}: {len(labelled)} labelled, {len(unlabelled)} unlabelled, "
+            print(f"[{task} seed {seed}] {method}: {len(labelled)} labelled, {len(unlabelled)} unlabelled, "
                   f"{len(task_test)} test", file=sys.stderr, flush=True)
             r = run_method(method, make_foundation, make_target, labelled, task_test, unlabelled, cfg,
                            log=lambda phase, step, m: print(
                                f"  {phase} {step}: " + " ".join(f"{k}={v:.3f}" for k, v in m.items()),
                                file=sys.stderr, flush=True), device=device)
             c = r["compute"]
-            row = {"task": task, "method": method, "labelled": len(labelled), "test_images": len(task_test),
+            row = {"task": task, "seed": seed, "method": method, "labelled": len(labelled), "test_images": len(task_test),
                    "target_acc": round(100 * r["target_acc"], 2),
                    "teacher_acc": round(100 * r["teacher_acc"], 2) if "teacher_acc" in r else None,
                    "seconds": round(r["train_seconds"], 1), "teacher_seconds": round(r.get("teacher_seconds", 0), 1),
@@ -136,7 +146,8 @@ def main(argv=None) -> dict:
             rows.append(row)
             print(f"[{task}] {method}: target {row['target_acc']}%  teacher {row['teacher_acc']}%  "
                   f"{row['seconds']} s  {row['tflops']} TFLOPs", file=sys.stderr, flush=True)
-    result = {"preset": args.preset, "foundation": args.foundation, "target": target_name,
+    result = {"preset": args.preset, "foundation": args.foundation, "target": target_name, "seeds": seeds,
+              "target_size": sizes, "foundation_size": model_size(make_foundation(), test),
               "config": cfg.to_dict(), "rows": rows, "host": platform.node(), "threads": args.threads, "device": device,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,27 +158,53 @@ def main(argv=None) -> dict:
     return result
 
 
+def model_size(model, data) -> dict:
+    """Parameters and multiply-accumulates per image of ``model`` at ``data``'s image size."""
+    from tdmr_ray.tdmr.compute import forward_flops
+
+    example = torch.zeros(1, data.x.shape[-1], *data.x.shape[1:3])
+    return {"params": sum(p.numel() for p in model.parameters()), "macs": forward_flops(model, example) // 2}
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
 def markdown(result: dict) -> str:
+    seeds = result.get("seeds", [0])
+    fs = result.get("foundation_size")
     lines = [f"# TDMR bench ({result['preset']}): foundation {result['foundation']}, target {result['target']}",
-             "", "Target top-1 (%) of the final model on the JPEG test set"
-             f"{' subset' if result['rows'] and result['rows'][0]['test_images'] < 10000 else ''}; "
-             "teacher = the foundation-based teacher the target learnt from; compute = training only: "
-             "seconds are wall-clock (on a shared machine they vary with its load), TFLOPs an estimate from "
-             "the images through each model (forward + backward, see tdmr_ray.tdmr.compute).", "",
-             "| task | labelled | method | target acc | teacher acc | seconds | TFLOPs | foundation fwd/bwd imgs | target fwd/bwd imgs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "Target top-1 (%) of the final model on the test split"
+             f"{' (a stratified subset)' if result['rows'] and result['rows'][0]['test_images'] < 10000 else ''}, "
+             f"mean ± std over seeds {seeds} (each seed draws its own labelled set); teacher = the "
+             "foundation-based teacher the target learnt from; compute = training only: seconds are "
+             "wall-clock (on a shared machine they vary with its load), TFLOPs an estimate from the images "
+             "through each model (forward + backward, see tdmr_ray.tdmr.compute).", ""]
+    if fs:
+        lines += [f"Foundation: {fs['params'] / 1e6:.2f} M parameters, {fs['macs'] / 1e6:.1f} MMACs per 32x32 "
+                  "image. Target (every method deploys the same architecture): " + "; ".join(
+                      f"{t}: {s['params'] / 1e6:.2f} M, {s['macs'] / 1e6:.1f} MMACs"
+                      for t, s in result.get("target_size", {}).items()), ""]
+    lines += ["| task | labelled | method | target acc | teacher acc | seconds | TFLOPs | foundation fwd/bwd imgs | "
+              "target fwd/bwd imgs |", "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
     for r in result["rows"]:
+        groups.setdefault((r["task"], r["method"]), []).append(r)
+    best: dict[str, tuple] = {}
+    for (task, method), rs in groups.items():
+        r = rs[0]
         fb = {m: (r["forward_images"].get(m, 0), sum(r["backward_images"].get(m, {}).values()))
               for m in ("foundation", "target")}
-        teacher = "-" if r["teacher_acc"] is None else f"{r['teacher_acc']:.2f}"
-        lines.append(f"| {r['task']} | {r['labelled']} | {r['method']} | {r['target_acc']:.2f} | {teacher} | "
-                     f"{r['seconds']:.0f} | {r['tflops']:.2f} | {fb['foundation'][0]}/{fb['foundation'][1]} | "
-                     f"{fb['target'][0]}/{fb['target'][1]} |")
-    best = {}
-    for r in result["rows"]:
-        if r["task"] not in best or r["target_acc"] > best[r["task"]][1]:
-            best[r["task"]] = (r["method"], r["target_acc"])
-    lines += ["", "Best per task: " + ", ".join(f"{t}: {m} ({a:.2f})" for t, (m, a) in best.items()), "",
+        accs = [x["target_acc"] for x in rs]
+        teacher = "-" if r["teacher_acc"] is None else _mean_std([x["teacher_acc"] for x in rs])
+        lines.append(f"| {task} | {r['labelled']} | {method} | {_mean_std(accs)} | {teacher} | "
+                     f"{statistics.mean(x['seconds'] for x in rs):.0f} | {r['tflops']:.2f} | "
+                     f"{fb['foundation'][0]}/{fb['foundation'][1]} | {fb['target'][0]}/{fb['target'][1]} |")
+        if task not in best or statistics.mean(accs) > best[task][1]:
+            best[task] = (method, statistics.mean(accs))
+    lines += ["", "Best per task (mean): " + ", ".join(f"{t}: {m} ({a:.2f})" for t, (m, a) in best.items()), "",
               f"Device {result['device']}, {result['threads']} CPU threads, torch {result['torch']}, {result['date']}."]
     return "\n".join(lines) + "\n"
 

@@ -365,3 +365,25 @@ def test_bench_config_overrides_and_tasks():
     lab, unl, sub = bench.make_task("cifar10-5@10%", train, test, seed=0, eval_images=50)
     assert lab.num_classes == 5 and np.bincount(lab.y).tolist() == [6] * 5
     assert len(lab) + len(unl) == 300 and len(sub) == 50 and np.bincount(sub.y).tolist() == [10] * 5
+
+
+def test_mismatched_tasks_change_the_domain_or_the_label_space():
+    from tdmr_ray.data import ImageSet
+    from tdmr_ray.tdmr.tasks import GLYPHS, make_task
+
+    rng = np.random.default_rng(0)
+    train = ImageSet(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 10)
+    test = ImageSet(rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.arange(20) % 10)
+    g, _ = make_task("gray+cifar10-5", train, test)
+    assert g.x.shape == (40, 32, 32, 1) and g.num_classes == 5
+    assert abs(int(g.x[0, 0, 0, 0]) - float(train.x[0, 0, 0] @ np.array([0.299, 0.587, 0.114]))) <= 1
+    inv, _ = make_task("invert", train, test)
+    assert (inv.x == 255 - train.x).all() and (inv.y == train.y).all()
+    low, low_test = make_task("lowres", train, test)
+    assert low.x.shape == (40, 16, 16, 3) and low_test.x.shape == (20, 16, 16, 3)
+    assert abs(float(low.x[0, 0, 0, 0]) - train.x[0, :2, :2, 0].mean()) <= 0.5
+    glyphs, glyphs_test = make_task("glyphs", train, test, seed=3)
+    assert glyphs.classes == list(GLYPHS) and glyphs.x.shape == train.x.shape
+    assert not (glyphs.x == train.x).all() and (make_task("glyphs", train, test, seed=3)[0].x == glyphs.x).all()
+    with pytest.raises(ValueError, match="unknown task 'sepia'"):
+        make_task("sepia", train, test)
