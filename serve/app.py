@@ -50,6 +50,19 @@ DEFAULTS = {
 }
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies bind (``http_options.host``), None when it cannot be read."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # not under Serve (unit tests) or another Serve version: no check possible
+        return None
+
+
 @dataclass
 class ParamSet:
     """One device's newest parameter set; the poller replaces ``params``/``ref`` in place."""
@@ -90,6 +103,11 @@ class EdgeModelServer:
         torch.set_num_threads(int(self.config["threads"]))
         self.registry = Registry(self.config["registry"] or None)
         self.api_key = os.environ.get("TDMR_SERVE_API_KEY", "")
+        host = serve_http_host()
+        if not self.api_key and host is not None and host not in LOOPBACK_HOSTS:
+            raise ValueError(f"Serve's HTTP proxy listens on {host!r}, beyond loopback, and TDMR_SERVE_API_KEY is "
+                             "not set: set it in the replicas' environment (runtime_env env_vars), or keep "
+                             "http_options.host at 127.0.0.1 behind a gateway")
         self.predict_batch.set_max_batch_size(int(self.config["max_batch_size"]))
         self.predict_batch.set_batch_wait_timeout_s(float(self.config["batch_wait_timeout_s"]))
         self._load_base_model()

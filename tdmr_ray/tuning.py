@@ -107,7 +107,8 @@ def _train_job_trial(job: str):
         cfg = apply_overrides(module.job_config(sweep["preset"]), {**sweep["job_overrides"], **overrides}, "trial")
         cfg.storage, cfg.num_workers, cfg.publish = sweep["storage"], 1, False
         cfg.val_images = cfg.val_images or sweep["val_images"]
-        module.train(cfg, callbacks=[TuneReportCallback()], run_name=f"tune-{job}-{_trial_id()}")
+        module.train(cfg, callbacks=[TuneReportCallback()], run_name=f"tune-{job}-{_trial_id()}",
+                     cpus_per_worker=1 - TRAIN_DRIVER_CPUS)
 
     return trial
 
@@ -131,11 +132,12 @@ def run_sweep(cfg: SweepConfig, output_dir: Path, job_overrides: dict) -> dict:
     space["_sweep"] = {"corruptions": list(cfg.corruptions), "severity": cfg.severity, "seed": cfg.seed,
                        "n_per_corruption": cfg.n_per_corruption, "job_overrides": job_overrides,
                        "preset": cfg.preset, "storage": cfg.storage, "val_images": cfg.val_images}
-    trainable = tune.with_resources(TRIALS[cfg.job], {"CPU": cfg.cpus_per_trial})
+    resources, concurrent = trial_resources(cfg)
+    trainable = tune.with_resources(TRIALS[cfg.job], resources)
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=metric, mode=cfg.mode, num_samples=cfg.num_samples,
-                                    max_concurrent_trials=cfg.max_concurrent or None,
+                                    max_concurrent_trials=concurrent,
                                     scheduler=ASHAScheduler(grace_period=cfg.grace_period,
                                                             reduction_factor=cfg.reduction_factor)),
         run_config=tune.RunConfig(name=f"sweep-{cfg.job}-{output_dir.name}",
@@ -155,6 +157,26 @@ def run_sweep(cfg: SweepConfig, output_dir: Path, job_overrides: dict) -> dict:
                      else f"--{_flag_prefix(cfg.job)}{k.replace('_', '-')} {v}" for k, v in best_params.items())
     return {"metric": metric, "best": {"params": best_params, metric: best.metrics.get(metric)},
             "best_flags": flags, "trials": len(rows), "errors": errors, "rows": rows}
+
+
+def trial_resources(cfg: SweepConfig) -> tuple[dict, int | None]:
+    """(resources of one trial, concurrent trials) that cannot deadlock.
+
+    A CEMA trial computes itself: ``cpus_per_trial`` each, as many at once as Tune fits. A GDFQ/TDMR
+    trial only drives a Ray Train run whose worker (``num_workers`` = 1 in a trial) needs its own CPU
+    once the trial runs: were the trial to hold a CPU too, trials could hold every CPU while each
+    waits for its worker. So the driver holds a sliver (Tune needs some resource), the worker the
+    rest of one CPU, and at most (cluster CPUs // 1) trials run at once, each run's worker accounted.
+    """
+    import ray
+
+    if cfg.job == "cema":
+        return {"CPU": cfg.cpus_per_trial}, cfg.max_concurrent or None
+    fits = max(1, int(ray.cluster_resources().get("CPU", 1) + 1e-6))
+    return {"CPU": TRAIN_DRIVER_CPUS}, min(cfg.max_concurrent, fits) if cfg.max_concurrent else fits
+
+
+TRAIN_DRIVER_CPUS = 0.01  # a GDFQ/TDMR trial's own share; its one Train worker takes 0.99
 
 
 def _flag_prefix(job: str) -> str:

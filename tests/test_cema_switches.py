@@ -204,3 +204,13 @@ def test_unknown_switch_values_are_refused(model):
         EdgeRunner(model, cfg_with("cema", edge={"stats_source": "nowhere"}))
     with pytest.raises(ValueError, match="shift.reset"):
         CloudAdapter(model, model, cfg_with("cema", shift={"reset": ["everything"]}))
+
+
+def test_settings_apply_over_the_methods_own_switches():
+    from tdmr_ray.cema.config import CEMAConfig, method_config
+
+    base = CEMAConfig()
+    base.filter.unreliable = False
+    assert method_config("cema", base).filter.unreliable  # a method sets its filter switches ...
+    cfg = method_config("cema", base, {"filter.unreliable": False, "edge.tbr_cumulative": True})
+    assert not cfg.filter.unreliable and cfg.edge.tbr_cumulative  # ... settings come last

@@ -330,7 +330,7 @@ def test_run_method_end_to_end_on_grayscale_data():
     cfg.teacher.steps, cfg.teacher.batch_size = 2, 8
     cfg.distill.steps, cfg.distill.labelled_batch_size, cfg.distill.unlabelled_batch_size = 2, 8, 4
     results = {}
-    for method in ("scratch", "lp-kd", "tdmr"):
+    for method in ("scratch", "ft-kd", "lp-kd", "tdmr"):
         r = run_method(method, lambda: create_model("resnet20"),
                        lambda k, c: create_model("test_resnet", num_classes=k, in_chans=c),
                        train, test, unlabelled=train, cfg=cfg)

@@ -254,11 +254,12 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def method_config(method: str, base: CEMAConfig | None = None) -> CEMAConfig:
+def method_config(method: str, base: CEMAConfig | None = None, settings: dict | None = None) -> CEMAConfig:
     """``base`` with the method's preset applied: its edge normalization and filter switches.
 
     Thresholds and margins (E_max, E_min, lambda, redundancy margin, ...) come from ``base``;
-    only the on/off switches are set by the method.
+    only the on/off switches are set by the method. ``settings`` (``{"section.key": value}``, e.g. a
+    bench variant's ``filter.unreliable``) apply last, over the method's own.
     """
     if method not in METHODS:
         raise ValueError(f"unknown CEMA method {method!r}; choose from {sorted(METHODS)}")
@@ -269,7 +270,7 @@ def method_config(method: str, base: CEMAConfig | None = None) -> CEMAConfig:
         cfg = dataclasses.replace(base, edge=edge)
     else:
         cfg = dataclasses.replace(base, edge=edge, filter=base.filter.with_preset(spec.filter_preset))
-    for key, value in spec.settings:
+    for key, value in [*spec.settings, *(settings or {}).items()]:
         section, name = key.split(".")
         part = dataclasses.replace(getattr(cfg, section), **{name: value})
         cfg = dataclasses.replace(cfg, **{section: part})

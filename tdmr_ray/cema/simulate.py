@@ -80,7 +80,7 @@ def make_edge_runner(method: str, edge: nn.Module, cfg: CEMAConfig) -> EdgeRunne
 
 def run_stream(method: str, edge: nn.Module, foundation: nn.Module | None,
                stream_batches: Iterable[Sequence], cfg: CEMAConfig | None = None,
-               device_id: str = "device-0", trace: bool = False) -> StreamResult:
+               device_id: str = "device-0", trace: bool = False, settings: dict | None = None) -> StreamResult:
     """Run ``method`` over ``stream_batches`` from a fresh start and return online accuracy and
     accounting. Each batch is ``(images uint8 NHWC, labels)`` or ``(images, labels, tag)``.
 
@@ -88,8 +88,9 @@ def run_stream(method: str, edge: nn.Module, foundation: nn.Module | None,
     ``cema``, ...). Accuracy counts the edge's predictions at inference time. ``trace`` also
     runs the cloud foundation on every whole batch (before the batch's upload reaches it).
     A change of tag between batches announces a shift (used by ``shift.detect="oracle"``).
+    ``settings`` (``{"section.key": value}``) apply after the method's own, filter switches included.
     """
-    cfg = method_config(method, cfg)
+    cfg = method_config(method, cfg, settings)
     start = time.perf_counter()
     runner = make_edge_runner(method, edge, cfg)
     if METHODS[method].uploads and foundation is None:

@@ -178,11 +178,12 @@ def train_loop(config: dict) -> None:
         run_phase(step, dc.steps, start_step=start, log_every=cfg.report_every, log=log_distill)
 
 
-def train(cfg: TDMRJobConfig, callbacks=None, run_name: str | None = None):
+def train(cfg: TDMRJobConfig, callbacks=None, run_name: str | None = None, cpus_per_worker: float = 1):
     from ..train_utils import fit
 
     return fit(train_loop, {"cfg": cfg}, run_name=run_name or cfg.run_name, num_workers=cfg.num_workers,
-               use_gpu=cfg.use_gpu, storage=cfg.storage, max_failures=cfg.max_failures, callbacks=callbacks)
+               use_gpu=cfg.use_gpu, storage=cfg.storage, max_failures=cfg.max_failures, callbacks=callbacks,
+               cpus_per_worker=cpus_per_worker)
 
 
 def final_models(cfg: TDMRJobConfig, result, labelled: ImageSet):
