@@ -297,6 +297,41 @@ def test_checkpoint_resume_continues_identically(resnet20):
         make_state(copy.deepcopy(resnet20), _tiny_cfg(epochs=5)).load_state_dict(ckpt)
 
 
+def test_resume_mid_calibration_with_momentum_continues_identically(resnet20):
+    """Resumed while activation ranges still move and SGD momentum is non-zero (epoch 2 of 3 range epochs)."""
+    cfg = _tiny_cfg(epochs=3, range_update_epochs=3, warmup_epochs=1, momentum=0.9)
+    straight = make_state(copy.deepcopy(resnet20), cfg)
+    train_epoch(straight)
+    train_epoch(straight)
+    ckpt = copy.deepcopy(straight.state_dict())
+    train_epoch(straight)
+    resumed = make_state(copy.deepcopy(resnet20), cfg)
+    resumed.load_state_dict(ckpt)
+    train_epoch(resumed)
+    for (name, a), b in zip(straight.qmodel.state_dict().items(), resumed.qmodel.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_ranks_draw_distinct_latents_after_a_resume_on_any_device(resnet20):
+    from tdmr_ray.gdfq.train import sample_latent, seed_epoch
+
+    cfg = _tiny_cfg(epochs=2)
+    ckpt = make_state(copy.deepcopy(resnet20), cfg).state_dict()
+    ckpt["epoch"] = 1
+    ckpt["rng"] = torch.zeros(3, dtype=torch.uint8)  # e.g. a CUDA generator's state: ignored, never loaded
+    draws = []
+    for rank in (0, 1):
+        state = make_state(copy.deepcopy(resnet20), cfg, rank=rank)
+        state.load_state_dict(ckpt)
+        seed_epoch(state)
+        draws.append(sample_latent(state)[0])
+    assert not torch.equal(draws[0], draws[1])  # DDP averages two different batches, not one twice
+    again = make_state(copy.deepcopy(resnet20), cfg, rank=1)
+    again.epoch = 1
+    seed_epoch(again)
+    assert torch.equal(sample_latent(again)[0], draws[1])  # what an uninterrupted rank 1 draws at epoch 1
+
+
 def test_several_students_share_one_generator_stream_exactly(resnet20):
     cfg = _tiny_cfg(epochs=2, w_bits=4, a_bits=4)
     alone = make_state(copy.deepcopy(resnet20), cfg)

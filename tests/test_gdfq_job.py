@@ -84,6 +84,9 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tmp_path):
     assert result.error is None
     qmodel, _, history = final_model(cfg, result)
     assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]  # each epoch once in the final state
+    resumed_at = history[-1]["started_at_epoch"]  # the workers after the kill started there, not at 0
+    assert 0 < resumed_at <= 4 and all(h["started_at_epoch"] == (0 if h["epoch"] < resumed_at else resumed_at)
+                                       for h in history)
     assert qmodel(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 

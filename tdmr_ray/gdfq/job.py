@@ -43,7 +43,13 @@ PRESETS = {
     "quick": {"eval_limit": 2000, "gdfq": {"epochs": 6, "iters_per_epoch": 20, "batch_size": 64,
                                            "warmup_epochs": 2, "range_update_epochs": 2,
                                            "lr_milestones": [4]}},
-    "full": {},  # the reference schedule: 400 epochs x 200 iterations x batch 200 (a GPU job)
+    # About an hour on 2 CPU cores (2 workers): 1/125 of the reference's generated images.
+    "medium": {"eval_limit": 0, "gdfq": {"epochs": 40, "iters_per_epoch": 50, "batch_size": 64, "warmup_epochs": 4,
+                                          "range_update_epochs": 4, "lr_milestones": [24, 32]}},
+    # The reference schedule: 400 epochs x 200 iterations x global batch 200 (16 M generated images,
+    # 1,250x the quick bench's), a GPU job: not run in this environment (no GPU), so no time measured.
+    "paper": {},
+    "full": {},  # = paper (kept for existing commands)
 }
 
 
@@ -54,8 +60,15 @@ def job_config(preset: str = "quick") -> GDFQJobConfig:
 
 
 def gdfq_config(cfg: GDFQJobConfig) -> GDFQConfig:
-    """The algorithm's settings with the job's bit widths (the flags users reach for first)."""
-    return dataclasses.replace(cfg.gdfq, w_bits=cfg.w_bits, a_bits=cfg.a_bits)
+    """One worker's algorithm settings: the job's bit widths (the flags users reach for first) and
+    its share of the batch. ``gdfq.batch_size`` is the *global* batch: each of the ``num_workers``
+    generates ``batch_size / num_workers`` images per step and DDP averages the gradients, so the
+    reference's batch of 200 and its learning rates hold for any worker count."""
+    if cfg.num_workers < 1 or cfg.gdfq.batch_size % cfg.num_workers:
+        raise ValueError(f"gdfq.batch_size ({cfg.gdfq.batch_size}) is the global batch and must be a multiple of "
+                         f"num_workers ({cfg.num_workers})")
+    return dataclasses.replace(cfg.gdfq, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
+                               batch_size=cfg.gdfq.batch_size // cfg.num_workers)
 
 
 def train_loop(config: dict) -> None:
@@ -72,6 +85,7 @@ def train_loop(config: dict) -> None:
     saved = restore_state()
     if saved is not None:
         state.load_state_dict(saved)
+    started_at = state.epoch  # > 0 when this worker resumed from a checkpoint
     if world > 1:
         # Activation ranges are averaged over ranks after each calibrating epoch (train_epoch), so
         # DDP must not overwrite them with rank 0's buffers on every forward.
@@ -83,6 +97,7 @@ def train_loop(config: dict) -> None:
         val = load_dataset("cifar10-clean-subset", "train").sample(cfg.val_images, cfg.seed)
     while state.epoch < state.cfg.epochs:
         metrics = train_epoch(state)  # ends with the activation ranges frozen: evaluation won't move them
+        state.history[-1]["started_at_epoch"] = metrics["started_at_epoch"] = started_at
         if val is not None:
             from ..evaluation import accuracy
 

@@ -141,6 +141,7 @@ class GDFQState:
     students: list[Student]
     epoch: int = 0  # epochs completed
     history: list[dict] = field(default_factory=list)
+    rank: int = 0  # Ray Train world rank: each rank draws its own latents
 
     @property
     def qmodel(self) -> nn.Module:
@@ -157,7 +158,7 @@ class GDFQState:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "generator": _unwrap(self.generator).state_dict(),
-                "opt_g": self.opt_g.state_dict(), "rng": self.rng.get_state(), "history": list(self.history),
+                "opt_g": self.opt_g.state_dict(), "history": list(self.history),
                 "cfg": self.cfg.to_dict(),
                 "students": [{"name": s.name, "qmodel": _unwrap(s.qmodel).state_dict(), "opt_q": s.opt_q.state_dict()}
                              for s in self.students]}
@@ -175,7 +176,9 @@ class GDFQState:
         for student, saved in zip(self.students, d["students"]):
             _unwrap(student.qmodel).load_state_dict(saved["qmodel"])
             student.opt_q.load_state_dict(saved["opt_q"])
-        self.rng.set_state(d["rng"])
+        # No RNG state is restored (older checkpoints hold rank 0's, which once made every rank draw
+        # the same latents after a resume, and a CUDA state cannot load into a CPU generator):
+        # train_epoch reseeds from (seed, rank, epoch).
         self.epoch, self.history = int(d["epoch"]), list(d["history"])
 
 
@@ -203,8 +206,16 @@ def make_state(fp_model: nn.Module, cfg: GDFQConfig, device: str | torch.device 
     torch.manual_seed(cfg.seed)  # same generator initialisation on every rank
     generator = Generator.for_model(teacher, cfg.img_size, cfg.latent_dim, cfg.generator_bn_eps).to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=cfg.betas_g)
-    rng = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    return GDFQState(cfg, teacher, generator, opt_g, BNStatisticsLoss(teacher), rng, students)
+    rng = torch.Generator(device=device)
+    state = GDFQState(cfg, teacher, generator, opt_g, BNStatisticsLoss(teacher), rng, students, rank=rank)
+    seed_epoch(state)
+    return state
+
+
+def seed_epoch(state: GDFQState) -> None:
+    """Seed the latent stream from (seed, rank, epoch): distinct on every rank, and a run resumed at
+    epoch e draws exactly what an uninterrupted run draws there, on any device."""
+    state.rng.manual_seed((state.cfg.seed * 1_000_003 + state.rank) * 100_003 + state.epoch)
 
 
 def sample_latent(state: GDFQState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,6 +266,7 @@ def train_epoch(state: GDFQState) -> dict:
     Student metrics are named ``q_loss`` etc. with one student, ``q_loss/W4A4`` etc. with several.
     """
     cfg, epoch = state.cfg, state.epoch
+    seed_epoch(state)
     factor = cfg.lr_factor(epoch)
     for group in state.opt_g.param_groups:
         group["lr"] = cfg.lr_g * factor
