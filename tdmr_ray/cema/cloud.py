@@ -80,11 +80,6 @@ class CloudAdapter:
     def __init__(self, foundation: nn.Module, edge: nn.Module, cfg: CEMAConfig,
                  image_shape: tuple[int, int, int] = (32, 32, 3), device: str | torch.device = "cpu"):
         c = cfg.cloud
-        if c.replay_min < max(c.replay_ratio, c.replay_only_multiple) * c.batch_size:
-            raise ValueError(f"cloud.replay_min ({c.replay_min}) must be at least max(replay_ratio, "
-                             f"replay_only_multiple) * batch_size = "
-                             f"{max(c.replay_ratio, c.replay_only_multiple) * c.batch_size}: replay draws "
-                             "are sampled without replacement")
         check_config(cfg)
         self.cfg = cfg
         self.device = torch.device(device)

@@ -197,6 +197,11 @@ class CEMAConfig:
 
 def check_config(cfg: "CEMAConfig") -> None:
     """Raise ValueError naming the setting that is out of range (choices checked here)."""
+    c = cfg.cloud
+    if c.replay_min < max(c.replay_ratio, c.replay_only_multiple) * c.batch_size:
+        raise ValueError(f"cloud.replay_min ({c.replay_min}) must be at least max(replay_ratio, "
+                         f"replay_only_multiple) * batch_size = {max(c.replay_ratio, c.replay_only_multiple) * c.batch_size}:"
+                         " replay draws are sampled without replacement")
     if cfg.edge.stats_source not in ("local", "cloud", "upload"):
         raise ValueError(f"edge.stats_source must be 'local', 'cloud' or 'upload', got {cfg.edge.stats_source!r}")
     if cfg.shift.detect not in ("off", "oracle", "stats"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from ..cema import METHODS
+from ..cema import METHODS, method_config
 from ..data import load_dataset
 from ..registry import Registry
 from ..runtime import JobRun, init_ray, resolve_model
@@ -34,6 +34,7 @@ def check_config(cfg: FleetConfig) -> None:
                  "adapters", "adapter_coalesce", "min_upload"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    method_config(cfg.method, cfg.cema)  # the algorithm's settings, before any actor starts (cema.*)
 
 
 def fleet_run_id(cfg: FleetConfig, run: JobRun) -> str:

@@ -1,0 +1,54 @@
+"""The whole chain on a tiny budget: TDMR -> GDFQ -> fleets (quantized and float edge) -> Serve, then
+a rerun that resumes (nothing redone) and one from a named stage."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+
+TINY = ["--foundation", "resnet20", "--devices", "8", "--labelled-fraction", "0.002",
+        "--tdmr-args", "--tdmr.teacher.steps 2 --tdmr.teacher.batch-size 8 --tdmr.distill.steps 2 "
+                       "--tdmr.distill.labelled-batch-size 8 --tdmr.distill.unlabelled-batch-size 8 "
+                       "--report-every 2 --num-workers 1 --eval-limit 64",
+        "--gdfq-args", "--gdfq.epochs 1 --gdfq.iters-per-epoch 1 --gdfq.batch-size 8 --gdfq.warmup-epochs 0 "
+                       "--gdfq.range-update-epochs 1 --gdfq.lr-milestones 1 --num-workers 1 --eval-limit 64",
+        "--fleet-args", "--batches-per-device 2 --pool-size 64 --batch-size 16 --hosts 1 "
+                        "--cema.cloud.batch-size 8"]
+
+
+def test_pipeline_runs_every_stage_and_resumes(ray_session, tmp_path):
+    import pipeline
+
+    from tdmr_ray.registry import Registry
+
+    out, store = tmp_path / "run", str(tmp_path / "store")
+    summary = pipeline.main([*TINY, "--output-dir", str(out), "--storage", store])
+    stages = summary["metrics"]["stages"]
+    assert list(stages) == ["tdmr", "gdfq", "fleet", "serve"]
+    registry = Registry.for_storage(store)
+    assert stages["tdmr"]["ref"] == "pipeline-target@v1" and stages["gdfq"]["ref"] == "pipeline-quantized@v1"
+    assert registry.meta("pipeline-quantized", 1)["parent"] == "pipeline-target@v1"
+    assert stages["fleet"]["quantized"]["edge"] == "pipeline-quantized@v1"
+    assert stages["fleet"]["float"]["edge"] == "pipeline-target@v1"
+    assert stages["serve"]["model"] == "pipeline-quantized@v1" and 0 <= stages["serve"]["prediction"] < 10
+    report = (out / "report.md").read_text()
+    assert "pipeline-quantized@v1" in report and "lift vs control" in report and (out / "pipeline.png").exists()
+
+    again = pipeline.main([*TINY, "--output-dir", str(out), "--storage", store])  # all done: nothing reruns
+    assert again["metrics"]["stages"] == json.loads((out / "stages.json").read_text())
+    assert registry.versions("pipeline-target") == [1] and registry.versions("pipeline-quantized") == [1]
+    pipeline.main([*TINY, "--output-dir", str(out), "--storage", store, "--from-stage", "gdfq",
+                   "--no-float-fleet"])
+    assert registry.versions("pipeline-target") == [1] and registry.versions("pipeline-quantized") == [1, 2]
+    assert set(json.loads((out / "stages.json").read_text())["fleet"]) == {"quantized"}
+
+
+def test_unknown_stage_is_named(tmp_path, capsys):
+    import pipeline
+
+    with pytest.raises(SystemExit):
+        pipeline.main(["--from-stage", "deploy", "--output-dir", str(tmp_path / "o"), "--storage", str(tmp_path / "s")])
+    assert "unknown stage 'deploy'" in capsys.readouterr().err
