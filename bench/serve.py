@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 
+from serve.client import free_port, wait_healthy  # noqa: E402
 from serve.codec import encode_array  # noqa: E402
 from tdmr_ray.data import load_dataset  # noqa: E402
 from tdmr_ray.models import create_model, get_norm_affine  # noqa: E402
@@ -36,24 +36,6 @@ from tdmr_ray.registry import Registry  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HDR = "serve_multiplexed_model_id"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def load(url: str, body: Path, clients: int, seconds: float, headers: dict | None = None, versions=False) -> dict:

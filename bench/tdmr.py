@@ -17,7 +17,6 @@ FLOPs estimate (see ``tdmr_ray.tdmr.compute``). Writes ``bench/results/tdmr-<pre
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import platform

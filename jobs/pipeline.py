@@ -10,7 +10,6 @@ hands the next a registry version. Writes stages.json, report.md, summary.json a
 """
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ def serve_stage(cfg: PipelineConfig, done: dict, out: Path) -> dict:
     from ray import serve
 
     from serve.app import build
+    from serve.client import free_port, wait_healthy
     from serve.codec import encode_array
     from tdmr_ray.data import load_dataset
     from tdmr_ray.registry import Registry, parse_ref
@@ -40,19 +40,11 @@ def serve_stage(cfg: PipelineConfig, done: dict, out: Path) -> dict:
     user_config = {"registry": Registry.for_storage(cfg.storage).uri, "model": model_name,
                    "params_prefix": f"edge-{fleet['run_name']}-", "poll_interval_s": 1.0}
     (out / "serve_user_config.yaml").write_text(yaml.safe_dump(user_config))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(user_config), name="pipeline-edge", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(url, timeout=300)
     sample = load_dataset("cifar10-clean-subset", "test")
     keys = [n.removeprefix(user_config["params_prefix"]) for n in Registry(user_config["registry"]).names()
             if n.startswith(user_config["params_prefix"])]

@@ -1,7 +1,6 @@
 """A real Serve instance on loopback, real HTTP requests: predictions, bad input, version updates."""
 import base64
 import io
-import socket
 import time
 
 import numpy as np
@@ -10,6 +9,7 @@ import requests
 import torch
 from PIL import Image
 
+from serve.client import free_port, wait_healthy
 from serve.codec import encode_array
 from tdmr_ray.models import create_model, get_norm_affine
 from tdmr_ray.registry import Registry
@@ -28,21 +28,13 @@ def server(ray_session, tmp_path_factory, clean_subset):
     model = create_model("resnet20", pretrained=True).eval()
     base = registry.publish_model("resnet20-cifar10", model, extra={"classes": clean_subset.classes})
     registry.publish_edge_params("edge-dev-1", get_norm_affine(model), base=base.ref)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build({"registry": reg_uri, "poll_interval_s": 0.2, "max_request_bytes": 200_000,
                      "model": "resnet20-cifar10", "params_prefix": "edge-"}),
               name="edge", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
+    wait_healthy(url)
     yield url, registry, model
     serve.shutdown()
 

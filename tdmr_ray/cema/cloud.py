@@ -79,7 +79,6 @@ class CloudAdapter:
 
     def __init__(self, foundation: nn.Module, edge: nn.Module, cfg: CEMAConfig,
                  image_shape: tuple[int, int, int] = (32, 32, 3), device: str | torch.device = "cpu"):
-        c = cfg.cloud
         check_config(cfg)
         self.cfg = cfg
         self.device = torch.device(device)
