@@ -53,10 +53,14 @@ def test_rerun_with_same_run_name_resumes_from_checkpoint(ray_session, tmp_path)
 
 
 def _kill_one_worker_after(checkpoint_dir: Path, killed: list):
+    """Kill one Train worker once the run's controller has registered a checkpoint (its snapshot file
+    exists). A kill right after a worker uploads one can come before the controller has taken the
+    report; the run then restarts from the beginning (measured: every worker restarted with no
+    checkpoint), which is correct but does not test resuming."""
     def kill():
         deadline = time.time() + 180
         while time.time() < deadline:
-            if checkpoint_dir.exists() and any(checkpoint_dir.glob("checkpoint_*")):
+            if (checkpoint_dir / "checkpoint_manager_snapshot.json").exists():
                 for p in psutil.process_iter(["cmdline"]):
                     if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
                         p.kill()
