@@ -30,6 +30,11 @@ def main(argv=None) -> dict:
         qmodel, report, history = final_model(cfg, result)
         fp_acc = evaluate(resolve_model(cfg.model, cfg.storage).eval(), cfg.eval_limit, cfg.seed)
         q_acc = evaluate(qmodel, cfg.eval_limit, cfg.seed)
+    with run.phase("onnx"):  # the integer model a standard runtime runs, checked against the fake-quant one
+        from tdmr_ray.gdfq.onnx_export import OnnxRuntimeModel, export_onnx
+
+        onnx_model = export_onnx(qmodel, run.output_dir / "model.onnx")
+        onnx_acc = evaluate(OnnxRuntimeModel(onnx_model), cfg.eval_limit, cfg.seed)
     version = None
     if cfg.publish:
         from tdmr_ray.gdfq.registry_format import publish_quantized
@@ -38,15 +43,19 @@ def main(argv=None) -> dict:
         name = cfg.registry_name or f"{cfg.model.split('@')[0]}-w{cfg.w_bits}a{cfg.a_bits}"
         version = publish_quantized(Registry.for_storage(cfg.storage), name, qmodel,
                                     parent=cfg.model if "@" in cfg.model else None,
-                                    metrics={"top1": q_acc, "fp_top1": fp_acc}).ref
+                                    metrics={"top1": q_acc, "fp_top1": fp_acc, "onnx_top1": onnx_acc},
+                                    onnx=onnx_model).ref
     metrics = {"fp_top1": fp_acc, "quantized_top1": q_acc, "bits": f"W{cfg.w_bits}A{cfg.a_bits}",
+               "onnx_top1": onnx_acc, "onnx_bytes": len(onnx_model),
                "quantization_report": report.to_dict(), "epochs": len(history),
                "world_size": (result.metrics or {}).get("world_size"),
                "worker_nodes": (result.metrics or {}).get("worker_nodes"),
                "train_images_per_s": round((result.metrics or {}).get("images_per_s", 0.0), 1),
                "history": history, "ray_train_path": result.path}
-    headline = {f"FP top-1 clean / JPEG": f"{fp_acc['clean']:.2f}% / {fp_acc['jpeg']:.2f}%",
+    headline = {"FP top-1 clean / JPEG": f"{fp_acc['clean']:.2f}% / {fp_acc['jpeg']:.2f}%",
                 f"W{cfg.w_bits}A{cfg.a_bits} top-1 clean / JPEG (final model)": f"{q_acc['clean']:.2f}% / {q_acc['jpeg']:.2f}%",
+                "ONNX QDQ (onnxruntime) top-1 clean / JPEG": f"{onnx_acc['clean']:.2f}% / {onnx_acc['jpeg']:.2f}% "
+                                                             f"({len(onnx_model) / 1024:.0f} KiB, model.onnx)",
                 "registry version": version}
     return run.finish(metrics, headline, registry_version=version)
 

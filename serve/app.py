@@ -39,6 +39,7 @@ DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 DEFAULTS = {
     "registry": "",  # registry URI; default <$TDMR_STORAGE>/registry
     "model": "cema-edge",  # registry name of the base model (newest version served); jobs/cema.py's default
+    "model_artifact": "",  # "" = the version's tensors; "onnx" = its ONNX QDQ export (GDFQ models)
     "params_prefix": "edge-cema-",  # device/group id -> registry name of its parameter sets
     "input_size": 32,
     "poll_interval_s": 2.0,
@@ -126,7 +127,8 @@ class EdgeModelServer:
         ref = f"{name}@v{version}"
         if ref == self.model_ref:
             return None
-        return ref, self.registry.load_model(name, version).eval(), self.registry.meta(name, version)
+        artifact = self.config["model_artifact"] or None
+        return ref, self.registry.load_model(name, version, artifact).eval(), self.registry.meta(name, version)
 
     def _swap_base_model(self, ref: str, model, meta: dict) -> None:
         # (not "self.classes": cloudpickle would then try to ship the torch.classes module)

@@ -7,6 +7,10 @@ never unpickles anything.
 
 Kinds: ``model`` (a full model; ``format`` says how to rebuild it) and ``edge-params`` (a
 normalization-affine parameter set applied on top of a ``base`` model version).
+
+A version may carry other artefacts next to its tensors (``files``, e.g. ``model.onnx``: the
+quantized model as a standard ONNX graph), each checksummed in ``meta.json`` like the tensors. A
+reference ``name@vN:onnx`` loads a model from its ONNX artefact instead of its tensors.
 """
 from __future__ import annotations
 
@@ -50,10 +54,31 @@ class Version:
         return f"{self.name}@v{self.version}"
 
 
+ARTIFACT_FILES = {"onnx": "model.onnx"}  # ``name@vN:<artifact>`` -> the version's file to load
+# artifact -> function(payload bytes, meta) -> nn.Module, registered like MODEL_LOADERS.
+ARTIFACT_LOADERS: dict[str, Callable] = {}
+ARTIFACT_MODULES = {"onnx": "tdmr_ray.gdfq.registry_format"}
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
-    """``name`` or ``name@vN`` / ``name@N`` -> (name, version or None for latest)."""
-    name, _, ver = ref.partition("@")
-    return name, (int(ver.lstrip("v")) if ver else None)
+    """``name`` or ``name@vN`` / ``name@N`` -> (name, version or None for latest); an artifact suffix
+    (``:onnx``) is ignored here (see :func:`split_artifact`)."""
+    name, _, ver = split_artifact(ref)[0].partition("@")
+    try:
+        return name, (int(ver.lstrip("v")) if ver else None)
+    except ValueError:
+        raise RegistryError(f"bad model reference {ref!r}: use name, name@vN or name@vN:onnx") from None
+
+
+def split_artifact(ref: str) -> tuple[str, str | None]:
+    """``name@vN:onnx`` -> (``name@vN``, ``"onnx"``); no suffix -> (ref, None)."""
+    base, sep, artifact = ref.rpartition(":")
+    if not sep:
+        return ref, None
+    if artifact not in ARTIFACT_FILES:
+        raise RegistryError(f"bad model reference {ref!r}: unknown artifact {artifact!r} "
+                            f"(known: {sorted(ARTIFACT_FILES)})")
+    return base, artifact
 
 
 def _load_normalized_model(tensors: dict, meta: dict):
@@ -85,16 +110,25 @@ class Registry:
     # -- writing ---------------------------------------------------------------------------
     def publish(self, name: str, tensors: dict[str, torch.Tensor], *, kind: str, format: str,
                 architecture: dict | None = None, parent: str | None = None, metrics: dict | None = None,
-                extra: dict | None = None) -> Version:
-        """Store a new version of ``name``; returns it once readers can see it."""
+                extra: dict | None = None, files: dict[str, bytes] | None = None) -> Version:
+        """Store a new version of ``name``; returns it once readers can see it. ``files``: other
+        artefacts of the version (file name -> bytes), checksummed in its metadata."""
         if not _NAME.match(name):
             raise RegistryError(f"bad registry name {name!r}: use letters, digits, '.', '_', '-'")
+        files = files or {}
+        for fname in files:
+            if not _NAME.match(fname) or fname in (TENSORS, META):
+                raise RegistryError(f"bad artefact file name {fname!r}")
         payload = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
         version, vdir = self._claim_version(name)
         meta = {"name": name, "version": version, "kind": kind, "format": format,
                 "architecture": architecture, "parent": parent, "metrics": metrics or {},
                 "created": datetime.now(timezone.utc).isoformat(), "sha256": hashlib.sha256(payload).hexdigest(),
                 "bytes": len(payload), **(extra or {})}
+        if files:
+            meta["files"] = {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in files.items()}
+        for fname, data in files.items():
+            self._write(join(vdir, fname), data)
         self._write(join(vdir, TENSORS), payload)
         self._write(join(vdir, META), json.dumps(meta, indent=1, default=str).encode())  # commit point
         return Version(name, version, meta)
@@ -173,7 +207,30 @@ class Registry:
         except Exception as exc:
             raise RegistryError(f"{path}: not a valid safetensors file ({exc})") from exc
 
-    def load_model(self, name: str, version: int | None = None):
+    def load_file(self, name: str, version: int | None, fname: str) -> tuple[bytes, dict]:
+        """An artefact stored next to a version's tensors, checked against its checksum."""
+        meta = self.meta(name, version)
+        record = (meta.get("files") or {}).get(fname)
+        if record is None:
+            raise RegistryError(f"{name}@v{meta['version']} has no {fname} (it has: "
+                                f"{sorted(meta.get('files') or {}) or 'no artefacts'})")
+        path = join(self.root, name, f"v{meta['version']:06d}", fname)
+        payload = self._read(path)
+        if hashlib.sha256(payload).hexdigest() != record["sha256"]:
+            raise RegistryError(f"{path}: checksum mismatch: the file is corrupt or was replaced")
+        return payload, meta
+
+    def load_model(self, name: str, version: int | None = None, artifact: str | None = None):
+        """The model of a version, rebuilt from its tensors or (``artifact="onnx"``) its ONNX file."""
+        if artifact is not None:
+            if artifact not in ARTIFACT_FILES:
+                raise RegistryError(f"unknown artifact {artifact!r} (known: {sorted(ARTIFACT_FILES)})")
+            payload, meta = self.load_file(name, version, ARTIFACT_FILES[artifact])
+            if artifact not in ARTIFACT_LOADERS:
+                import importlib
+
+                importlib.import_module(ARTIFACT_MODULES[artifact])
+            return ARTIFACT_LOADERS[artifact](payload, meta)
         tensors, meta = self.load_tensors(name, version)
         if meta.get("kind") != "model":
             raise RegistryError(f"{name}@v{meta['version']} is a {meta.get('kind')!r}, not a model")
@@ -190,8 +247,9 @@ class Registry:
     def load_ref(self, ref: str):
         """``name[@vN]`` -> model (for kind model) or (params, meta) for edge parameter sets."""
         name, version = parse_ref(ref)
-        if self.meta(name, version).get("kind") == "model":
-            return self.load_model(name, version)
+        artifact = split_artifact(ref)[1]
+        if artifact is not None or self.meta(name, version).get("kind") == "model":
+            return self.load_model(name, version, artifact)
         return self.load_tensors(name, version)
 
     def _resolve(self, name: str, version: int | None) -> int:

@@ -91,14 +91,15 @@ def fail(message: str, code: int = 2):
 def resolve_model(spec: str, storage: str | None = None):
     """A model from a name (pretrained, e.g. ``resnet20``) or a registry reference ``name@vN``.
 
-    Registry references are what TDMR and GDFQ publish, so their models deploy unchanged.
+    Registry references are what TDMR and GDFQ publish, so their models deploy unchanged;
+    ``name@vN:onnx`` loads a quantized model from its ONNX QDQ export instead of its tensors.
     """
     from .models import create_model
-    from .registry import Registry, parse_ref
+    from .registry import Registry, parse_ref, split_artifact
 
-    if "@" in spec:
+    if "@" in spec or spec.endswith(":onnx"):
         name, version = parse_ref(spec)
-        return Registry.for_storage(storage).load_model(name, version)
+        return Registry.for_storage(storage).load_model(name, version, split_artifact(spec)[1])
     return create_model(spec, pretrained=True)
 
 

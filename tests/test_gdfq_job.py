@@ -34,6 +34,15 @@ def test_two_worker_job_publishes_a_loadable_quantized_model(ray_session, tmp_pa
     # The registry copy (integer export) computes what the final model computed.
     assert abs(accuracy(model, load_dataset("cifar10-clean-subset", "test")) - m["quantized_top1"]["clean"]) < 0.01
     assert m["fp_top1"]["clean"] > 90
+    # The ONNX QDQ graph onnxruntime ran is the same model (top-1 within 0.1 on both sets), stored
+    # next to the tensors; the registry's ONNX copy rebuilds the same torch model.
+    for split in ("clean", "jpeg"):
+        assert abs(m["onnx_top1"][split] - m["quantized_top1"][split]) <= 0.1
+    assert (tmp_path / "out" / "model.onnx").stat().st_size == m["onnx_bytes"]
+    from_onnx = Registry.for_storage(str(tmp_path / "store")).load_ref("resnet20-w4a4@v1:onnx")
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(from_onnx(x), model(x))
 
 
 def test_rerun_with_same_run_name_resumes_from_checkpoint(ray_session, tmp_path):

@@ -3,7 +3,8 @@
 Modules: ``fake_quant`` (quantizer arithmetic and layers), ``quantize`` (``quantize_model`` and its
 report), ``generator`` (conditional generator, BN-statistics loss), ``train`` (config and the
 one-step functions), ``baselines`` (noise and ZeroQ-style calibration), ``export`` (integer
-safetensors + JSON, ``load_quantized``).
+safetensors + JSON, ``load_quantized``), ``onnx_export`` (ONNX QDQ graph, ``export_onnx``,
+``load_onnx``, ``OnnxRuntimeModel``).
 
 Names are imported lazily, so ``from tdmr_ray.gdfq import load_quantized`` does not load the
 training code.
@@ -23,6 +24,7 @@ _EXPORTS = {
     "CalibrationConfig": "baselines", "noise_calibrated": "baselines", "zeroq_calibrated": "baselines",
     "distill_images": "baselines", "calibrate": "baselines",
     "save_quantized": "export", "load_quantized": "export",
+    "export_onnx": "onnx_export", "load_onnx": "onnx_export", "OnnxRuntimeModel": "onnx_export",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -91,15 +91,22 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> Norm
     meta = json.loads(json_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{json_path}: not a {FORMAT} file (format={meta.get('format')!r})")
-    tensors = load_file(str(tensors_path))
+    return build_quantized(load_file(str(tensors_path)), meta, where=str(tensors_path)).to(device)
+
+
+def build_quantized(tensors: dict[str, torch.Tensor], meta: dict, where: str = "the tensors") -> NormalizedModel:
+    """The inference model from the exported tensors (``<layer>.weight.int/.scale/.zero_point``,
+    ``<quantizer>.x_min/.x_max`` and the rest of the state dict) and the JSON record; also used by
+    the ONNX loader, which hands over the same names. Eval mode, activation ranges frozen."""
+    tensors = dict(tensors)
     model = build_from_arch(meta["arch"])
     state = {}
     for name, info in meta["weight_layers"].items():
         module = model.get_submodule(name)
         expected = nn.Conv2d if info["type"] == "Conv2d" else nn.Linear
         if type(module) is not expected:
-            raise ValueError(f"{json_path}: layer {name} is {type(module).__name__} in {meta['arch']}, "
-                             f"the file says {info['type']}")
+            raise ValueError(f"{where}: layer {name} is {type(module).__name__} in {meta['arch']}, "
+                             f"the record says {info['type']}")
         q = tensors.pop(f"{name}.weight.int").float()
         shape = (-1,) + (1,) * (q.dim() - 1)
         scale = tensors.pop(f"{name}.weight.scale").view(shape)
@@ -112,7 +119,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> Norm
         relu_path = _relu_path(name)
         relu = model.get_submodule(relu_path)
         if not isinstance(relu, (nn.ReLU, nn.ReLU6)):
-            raise ValueError(f"{json_path}: {relu_path} is {type(relu).__name__}, expected a ReLU to quantize")
+            raise ValueError(f"{where}: {relu_path} is {type(relu).__name__}, expected a ReLU to quantize")
         quantizer = ActivationQuantizer(info["bits"])
         parent_path, _, child = relu_path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, nn.Sequential(relu, quantizer))
@@ -121,9 +128,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> Norm
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.rpartition(".")[0] not in ranges]  # quantizer buffers: set below
     if missing or unexpected:
-        raise ValueError(f"{tensors_path} does not fit {meta['arch']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{where} does not fit {meta['arch']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, (lo, hi) in ranges.items():
         quantizer = model.get_submodule(name)
         quantizer.set_range(lo, hi)
         quantizer.freeze()
-    return model.to(device).eval()
+    return model.eval()
