@@ -11,6 +11,12 @@ Every figure is the *final* model's: nothing is selected on test data.
 * ``gdfq``: generator + fine-tuning. All bit widths of a model train on one generator stream (the
   generator's loss never involves a quantized model, so this equals separate runs with the same seed).
 
+``--seeds 0,1,2`` repeats everything per seed (the generator, the calibration images, the JPEG
+sample's draw stays seed 0's) and the table gives mean ± std. ``onnx``: the first seed's GDFQ models
+(noise-calibrated ones if GDFQ is not run) exported as ONNX QDQ graphs (``tdmr_ray.gdfq.onnx_export``)
+and run by onnxruntime on the same sets: top-1 against the fake-quant model, file size and latency
+against the float model's ONNX export (one thread; batch 1 and batch 64).
+
 Presets: ``paper`` is the reference schedule (400 epochs x 200 iterations x batch 200, for a GPU);
 ``quick`` is a CPU schedule (about 20 minutes for ResNet-20 at three bit widths on 2 idle cores)
 whose departures from the reference are listed in the output (``schedule_departures``).
@@ -26,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4], help="WkAk for each k")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--jpeg-limit", type=int, default=0, help="JPEG test images (0: all 10,000; else a seeded sample)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma list; the table gives mean ± std over them")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export / onnxruntime part")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--data-root", default=None, help="default: $TDMR_DATA (weights come from $TDMR_WEIGHTS)")
@@ -100,9 +108,10 @@ def evaluate(model, sets: dict, device) -> dict:
 
 
 def bench_model(name: str, args, gdfq_cfg: GDFQConfig, calib_cfg: CalibrationConfig, sets: dict) -> dict:
+    """One seed's results; ``out["models"]`` (not written) holds the quantized models for the ONNX part."""
     device = torch.device(args.device)
     fp = create_model(name, pretrained=True).to(device).eval()
-    out = {"top1": {}, "seconds": {}, "gdfq_last_epoch": None}
+    out = {"top1": {}, "seconds": {}, "gdfq_last_epoch": None, "models": {}}
 
     def record(method, bits, model, seconds):
         key = f"W{bits}A{bits}" if bits else "FP"
@@ -120,6 +129,7 @@ def bench_model(name: str, args, gdfq_cfg: GDFQConfig, calib_cfg: CalibrationCon
             start = time.perf_counter()
             qmodel, _ = noise_calibrated(fp, bits, bits, calib_cfg)
             record("noise", bits, qmodel, time.perf_counter() - start)
+            out["models"][bits] = ("noise", qmodel)
     if "zeroq" in args.methods:
         start = time.perf_counter()
         rng = torch.Generator(device=device).manual_seed(calib_cfg.seed)
@@ -144,13 +154,71 @@ def bench_model(name: str, args, gdfq_cfg: GDFQConfig, calib_cfg: CalibrationCon
         out["quant_report"] = state.students[0].report.to_dict()
         for bits, student in zip(args.bits, state.students):
             record("gdfq", bits, student.qmodel, seconds / len(state.students))
+            out["models"][bits] = ("gdfq", student.qmodel)
     return out
 
 
-def targets(results: dict) -> list[str]:
-    """The issue's targets, checked on the measured figures."""
+def _latency_ms(run, x: torch.Tensor, repeats: int) -> float:
+    """Median milliseconds of ``run(x)`` over ``repeats`` calls, after warm-up calls."""
+    for _ in range(3):
+        run(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(x)
+        times.append(1000 * (time.perf_counter() - start))
+    return round(statistics.median(times), 3)
+
+
+def bench_onnx(name: str, res: dict, sets: dict) -> dict:
+    """The quantized models as ONNX QDQ graphs under onnxruntime, against the fake-quant models and
+    the float model's ONNX export."""
+    from tdmr_ray.gdfq.onnx_export import OnnxRuntimeModel, export_float_onnx, export_onnx
+
+    fp_payload = export_float_onnx(create_model(name, pretrained=True).eval())
+    fp_session = OnnxRuntimeModel(fp_payload, threads=1)
+    x1, x64 = torch.rand(1, 3, 32, 32), torch.rand(64, 3, 32, 32)
+    rows = [{"model": name, "bits": "FP", "method": "fp", "bytes": len(fp_payload),
+             "top1": evaluate(fp_session, sets, "cpu"), "fake_quant_top1": None,
+             "ms_batch1": _latency_ms(fp_session, x1, 200), "ms_batch64": _latency_ms(fp_session, x64, 20)}]
+    for bits, (method, qmodel) in sorted(res["models"].items(), reverse=True):
+        payload = export_onnx(qmodel.cpu().eval())
+        session = OnnxRuntimeModel(payload, threads=1)
+        key = f"W{bits}A{bits}"
+        rows.append({"model": name, "bits": key, "method": method, "bytes": len(payload),
+                     "top1": evaluate(session, sets, "cpu"), "fake_quant_top1": res["top1"][key][method],
+                     "ms_batch1": _latency_ms(session, x1, 200), "ms_batch64": _latency_ms(session, x64, 20)})
+        print(f"{name:9s} {key:5s} onnx   " + "  ".join(f"{s} {a:6.2f}" for s, a in rows[-1]["top1"].items())
+              + f"  ({len(payload) / 1024:.0f} KiB)", flush=True)
+    for row in rows:
+        row["size_ratio_to_fp"] = round(row["bytes"] / rows[0]["bytes"], 3)
+        row["latency_ratio_to_fp_batch64"] = round(row["ms_batch64"] / rows[0]["ms_batch64"], 3)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return round(statistics.mean(values), 2), (round(statistics.stdev(values), 2) if len(values) > 1 else 0.0)
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """model -> bits -> method -> set -> [mean, std] over seeds."""
+    out = {}
+    for model in per_seed[0]:
+        for key, by_method in per_seed[0][model]["top1"].items():
+            for method, by_set in by_method.items():
+                for split in by_set:
+                    values = [r[model]["top1"][key][method][split] for r in per_seed]
+                    out.setdefault(model, {}).setdefault(key, {}).setdefault(method, {})[split] = list(_mean_std(values))
+    return out
+
+
+def targets(per_seed: list[dict], onnx_rows: list[dict]) -> list[str]:
+    """The issue's targets, checked on the measured figures (every seed; means for the drops)."""
     lines = []
-    for model, res in results.items():
+    summary = aggregate(per_seed)
+    for model in summary:
+        res = {"top1": {k: {m: {s: v[0] for s, v in by_set.items()} for m, by_set in by_m.items()}
+                        for k, by_m in summary[model].items()}}
         fp = res["top1"].get("FP", {}).get("fp")
         w8 = res["top1"].get("W8A8", {})
         w4 = res["top1"].get("W4A4", {})
@@ -160,35 +228,57 @@ def targets(results: dict) -> list[str]:
                 ok = all(g <= 0.5 for g in gaps.values())
                 lines.append(f"{model} W8A8 {method} within 0.5 of FP: {'met' if ok else 'NOT met'} (drop {gaps})")
         if {"gdfq", "noise", "zeroq"} <= set(w4):
-            for s, a in w4["gdfq"].items():
-                ok = a > w4["noise"][s] and a > w4["zeroq"][s]
-                lines.append(f"{model} W4A4 GDFQ above both baselines on {s}: {'met' if ok else 'NOT met'} "
-                             f"(gdfq {a}, noise {w4['noise'][s]}, zeroq {w4['zeroq'][s]})")
+            for s in w4["gdfq"]:
+                seeds_ok = [r[model]["top1"]["W4A4"]["gdfq"][s] > max(r[model]["top1"]["W4A4"]["noise"][s],
+                                                                      r[model]["top1"]["W4A4"]["zeroq"][s])
+                            for r in per_seed]
+                lines.append(f"{model} W4A4 GDFQ above both baselines on {s} in every seed: "
+                             f"{'met' if all(seeds_ok) else 'NOT met'} ({sum(seeds_ok)}/{len(seeds_ok)} seeds; means "
+                             f"gdfq {w4['gdfq'][s]}, noise {w4['noise'][s]}, zeroq {w4['zeroq'][s]})")
+    for row in onnx_rows:
+        if row["fake_quant_top1"]:
+            gaps = {s: round(abs(row["top1"][s] - row["fake_quant_top1"][s]), 2) for s in row["top1"]}
+            ok = all(g <= 0.1 for g in gaps.values())
+            lines.append(f"{row['model']} {row['bits']} ONNX (onnxruntime) top-1 within 0.1 of the fake-quant model: "
+                         f"{'met' if ok else 'NOT met'} (|difference| {gaps})")
     return lines
 
 
 def markdown(report: dict) -> str:
     sets = report["sets"]
+    seeds = report["seeds"]
+    spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
     lines = [f"# GDFQ benchmark ({report['preset']} preset)", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; {report['total_s']:.0f} s total.", "",
              "Top-1 (%) of the final models; clean = clean subset (1,017), jpeg = JPEG test set "
-             f"({sets['jpeg']} images).", ""]
+             f"({sets['jpeg']} images); {spread}.", ""]
     methods = [m for m in METHODS if m in report["methods"]]
     header = "| model | bits | " + " | ".join(f"{m} clean | {m} jpeg" for m in methods) + " |"
     lines += [header, "|" + "---|" * (2 + 2 * len(methods))]
-    for model, res in report["results"].items():
-        fp = res["top1"].get("FP", {}).get("fp")
-        for key, by_method in res["top1"].items():
+    cell = (lambda v: f"{v[0]:.2f} ± {v[1]:.2f}") if len(seeds) > 1 else (lambda v: f"{v[0]:.2f}")
+    for model, by_bits in report["summary"].items():
+        fp = by_bits.get("FP", {}).get("fp")
+        for key, by_method in by_bits.items():
             cells = []
             for m in methods:
                 top1 = fp if (m == "fp" and fp) else by_method.get(m)
-                cells += [f"{top1['clean']:.2f}", f"{top1['jpeg']:.2f}"] if top1 else ["", ""]
+                cells += [cell(top1["clean"]), cell(top1["jpeg"])] if top1 else ["", ""]
             if key != "FP":
                 lines.append(f"| {model} | {key} | " + " | ".join(cells) + " |")
+    if report["onnx"]:
+        lines += ["", f"ONNX QDQ export run by onnxruntime {report['onnxruntime']} (CPU, 1 thread), seed {seeds[0]}'s "
+                  "models; latency = median ms per call:", "",
+                  "| model | bits | method | onnx clean | onnx jpeg | fake-quant clean | fake-quant jpeg | KiB | size / FP "
+                  "| ms batch 1 | ms batch 64 | latency / FP (batch 64) |", "|" + "---|" * 12]
+        for r in report["onnx"]:
+            fq = r["fake_quant_top1"] or {"clean": "", "jpeg": ""}
+            lines.append(f"| {r['model']} | {r['bits']} | {r['method']} | {r['top1']['clean']:.2f} | {r['top1']['jpeg']:.2f} "
+                         f"| {fq['clean']} | {fq['jpeg']} | {r['bytes'] / 1024:.0f} | {r['size_ratio_to_fp']} "
+                         f"| {r['ms_batch1']} | {r['ms_batch64']} | {r['latency_ratio_to_fp_batch64']} |")
     lines += ["", "Targets:", ""] + [f"- {t}" for t in report["targets"]]
     if report["departures"]:
         lines += ["", "Schedule departures from the reference in this preset:", ""] + [f"- {d}" for d in report["departures"]]
-    lines += ["", "Seconds: " + json.dumps({m: r["seconds"] for m, r in report["results"].items()})]
+    lines += ["", "Seconds (first seed): " + json.dumps({m: r["seconds"] for m, r in report["per_seed"][0].items()})]
     return "\n".join(lines) + "\n"
 
 
@@ -196,21 +286,32 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    gdfq_cfg, calib_cfg = PRESETS[args.preset]
-    gdfq_cfg = dataclasses.replace(gdfq_cfg, seed=args.seed)
-    calib_cfg = dataclasses.replace(calib_cfg, seed=args.seed)
+    seeds = [int(s) for s in args.seeds.split(",")]
     sets = {"clean": load_dataset("cifar10-clean-subset", "test", root=args.data_root),
-            "jpeg": load_dataset("cifar10-jpeg", "test", root=args.data_root).sample(args.jpeg_limit, args.seed)}
+            "jpeg": load_dataset("cifar10-jpeg", "test", root=args.data_root).sample(args.jpeg_limit, 0)}
     start = time.perf_counter()
-    results = {name: bench_model(name, args, gdfq_cfg, calib_cfg, sets) for name in args.models}
+    per_seed, onnx_rows = [], []
+    for seed in seeds:
+        gdfq_cfg = dataclasses.replace(PRESETS[args.preset][0], seed=seed)
+        calib_cfg = dataclasses.replace(PRESETS[args.preset][1], seed=seed)
+        results = {name: bench_model(name, args, gdfq_cfg, calib_cfg, sets) for name in args.models}
+        if seed == seeds[0] and not args.no_onnx:
+            onnx_rows = [row for name in args.models for row in bench_onnx(name, results[name], sets)]
+        for res in results.values():
+            res.pop("models")
+        per_seed.append(results)
+    import onnxruntime
+
     report = {
         "preset": args.preset, "command": "python bench/gdfq.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"device {args.device}, torch {torch.__version__}",
         "methods": args.methods, "bits": args.bits, "sets": {k: len(v) for k, v in sets.items()},
+        "seeds": seeds, "onnxruntime": onnxruntime.__version__,
         "gdfq_config": gdfq_cfg.to_dict(), "calibration_config": calib_cfg.to_dict(),
         "departures": schedule_departures(gdfq_cfg, calib_cfg),
-        "results": results, "targets": targets(results), "total_s": round(time.perf_counter() - start, 1),
+        "summary": aggregate(per_seed), "per_seed": per_seed, "onnx": onnx_rows,
+        "targets": targets(per_seed, onnx_rows), "total_s": round(time.perf_counter() - start, 1),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"gdfq_{args.preset}{'_' + args.tag if args.tag else ''}"
