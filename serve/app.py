@@ -1,6 +1,8 @@
 """Ray Serve application: edge models from the registry over HTTP, always on their newest parameters.
 
-Routes: ``POST /predict`` (see serve/codec.py for the body), ``GET /healthz``, ``GET /models``.
+Routes (a FastAPI ingress: typed responses, OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
+``POST /predict`` (see serve/codec.py for the body), ``GET /healthz``, ``GET /models``. Errors are
+``{"error": "<what is wrong>"}`` with the status (400/401/404/405/409/413/422/502).
 A request names its device or group with Serve's multiplexing header ``serve_multiplexed_model_id``;
 the replica then applies that id's newest normalization-parameter set (registry name
 ``<params_prefix><id>``) on top of the shared frozen model. Without the header the base model answers.
@@ -27,7 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -77,7 +83,85 @@ class UnknownDevice(Exception):
     pass
 
 
+# -- the HTTP API: typed responses, one error shape -----------------------------------------------
+class Prediction(BaseModel):
+    class_: int = Field(alias="class", description="the top class index")
+    label: str = Field(description="the top class name")
+    probabilities: list[float] = Field(description="softmax over the classes, in class order")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="one per image, in request order")
+    model: str = Field(description="the served base model version, name@vN")
+    params: str | None = Field(description="the device's or group's parameter set version, name@vN (none: base)")
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+
+
+class ModelsInfo(BaseModel):
+    model: str
+    architecture: dict | None
+    format: str | None
+    metrics: dict | None
+    classes: list[str]
+    loaded_params: dict[str, str]
+    timing: dict[str, float]
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+PREDICT_BODY = {  # the body is read raw (size and pixel-count checks before decoding): schema for the docs
+    "required": True,
+    "content": {"application/json": {"schema": {"oneOf": [
+        {"type": "object", "required": ["images"], "title": "Encoded images",
+         "properties": {"images": {"type": "array", "items": {"type": "string", "format": "byte"},
+                                   "description": "base64 PNG or JPEG files"}}},
+        {"type": "object", "required": ["array", "shape"], "title": "Raw pixels",
+         "properties": {"array": {"type": "string", "format": "byte", "description": "base64 of N*H*W*C bytes"},
+                        "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4},
+                        "dtype": {"type": "string", "enum": ["uint8"]}}}]}}},
+}
+ERRORS = {status: {"model": ErrorBody, "description": what} for status, what in (
+    (400, "malformed body"), (401, "missing or wrong API key"),
+    (404, "unknown device or group id"), (409, "the id's parameter set does not fit the served model"),
+    (413, "body or image count over the limits"), (422, "images of the wrong size or channels"),
+    (502, "the id's parameters could not be read from the registry"))}
+
+api = FastAPI(title="tdmr-ray edge models",
+              description="Edge models from the registry, each device or group on its newest normalization "
+                          "parameters. Name the device or group with the `serve_multiplexed_model_id` header.")
+
+
+@api.exception_handler(BadRequest)
+async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+@api.exception_handler(UnknownDevice)
+async def _unknown_device(request: Request, exc: UnknownDevice) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=404)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = {404: f"no route {request.method} {request.url.path}; routes: POST /predict, GET /healthz, "
+                    "GET /models, GET /docs",
+               405: f"{request.method} is not allowed on {request.url.path} (use POST for /predict)"}
+    return JSONResponse({"error": message.get(exc.status_code, str(exc.detail))}, status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": f"bad request: {exc.errors()}"}, status_code=400)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+@serve.ingress(api)
 class EdgeModelServer:
     def __init__(self, **config):
         self.config = dict(DEFAULTS)
@@ -229,26 +313,31 @@ class EdgeModelServer:
         self.timing["encode_s"] += time.perf_counter() - t0
         return out
 
-    async def __call__(self, request: Request) -> JSONResponse:
+    def _ready(self) -> None:
         if self.model is None:  # deployed without user_config or bind() arguments: the defaults
             self.reconfigure({})
         self._ensure_poller()
-        path, method = request.url.path.rstrip("/") or "/", request.method
-        try:
-            if path.endswith("/healthz") and method == "GET":
-                return JSONResponse({"status": "ok", "model": self.model_ref})
-            self._check_key(request)
-            if path.endswith("/models") and method == "GET":
-                return JSONResponse(self._describe())
-            if path.endswith("/predict"):
-                if method != "POST":
-                    raise BadRequest(405, "use POST for /predict")
-                return JSONResponse(await self._predict(request))
-            raise BadRequest(404, f"no route {method} {path}; routes: POST /predict, GET /healthz, GET /models")
-        except BadRequest as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        except UnknownDevice as exc:
-            return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> dict:
+        self._ready()
+        return {"status": "ok", "model": self.model_ref}
+
+    @api.get("/models", response_model=ModelsInfo, responses={401: ERRORS[401]})
+    async def models(self, request: Request) -> dict:
+        self._ready()
+        self._check_key(request)
+        return self._describe()
+
+    @api.post("/predict", response_model=PredictResponse, openapi_extra={"requestBody": PREDICT_BODY},
+              responses=ERRORS)
+    async def predict(self, request: Request) -> dict:
+        """Top-k predictions for the body's images, by the model on the named device's or group's
+        newest parameters (header ``serve_multiplexed_model_id``; none: the base model)."""
+        self._ready()
+        self._check_key(request)
+        # A JSONResponse skips FastAPI's re-validation of every probability (the schema is for the docs).
+        return JSONResponse(await self._predict(request))
 
     async def _predict(self, request: Request) -> dict:
         limit = int(self.config["max_request_bytes"])

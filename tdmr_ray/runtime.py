@@ -106,15 +106,23 @@ def resolve_model(spec: str, storage: str | None = None):
 def start_job(job: str, cls, argv, presets: dict, description: str, validate=None):
     """Parse a job's settings (bad input exits with a one-line error naming it) and open its run.
 
-    ``validate(cfg)`` may raise ValueError for settings that parse but make no sense."""
-    from .config import ConfigError, load_config
+    ``validate(cfg)`` may raise ValueError for settings that parse but make no sense. With
+    ``--check-config`` the job prints its resolved settings as JSON and exits 0 before it starts
+    anything (``scripts/check_readme.py`` checks README's commands that way)."""
+    from .config import ConfigError, load_config, to_dict
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_only = "--check-config" in argv
+    argv = [a for a in argv if a != "--check-config"]
     try:
         cfg = load_config(cls, argv, presets, description)
         if validate is not None:
             validate(cfg)
     except (ConfigError, ValueError, OSError) as exc:
         fail(str(exc))
+    if check_only:
+        print(json.dumps(to_dict(cfg), indent=1, default=str), flush=True)
+        raise SystemExit(0)
     return cfg, JobRun(job, cfg)
 
 

@@ -91,8 +91,10 @@ def test_bad_inputs_get_4xx_naming_the_problem(server):
     unknown = requests.post(f"{url}/predict", json=encode_array(np.zeros((1, 32, 32, 3), np.uint8)),
                             headers={HDR: "dev-404"}, timeout=30)
     assert unknown.status_code == 404 and "dev-404" in unknown.json()["error"]
-    assert requests.get(f"{url}/predict", timeout=30).status_code == 405
-    assert requests.get(f"{url}/nope", timeout=30).status_code == 404
+    wrong_method = requests.get(f"{url}/predict", timeout=30)
+    assert wrong_method.status_code == 405 and "use POST" in wrong_method.json()["error"]
+    nope = requests.get(f"{url}/nope", timeout=30)
+    assert nope.status_code == 404 and "POST /predict" in nope.json()["error"]
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"  # still serving
 
 
@@ -130,6 +132,43 @@ def test_parameters_for_another_model_are_refused(server, clean_subset):
     r = requests.post(f"{url}/predict", json=encode_array(clean_subset.x[:2]), headers={HDR: "dev-other"}, timeout=30)
     assert r.status_code == 409 and "some-other-model" in r.json()["error"]
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
+def test_openapi_schema_and_docs(server):
+    """The FastAPI ingress documents the routes, the request body and the error statuses."""
+    url, _, _ = server
+    schema = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert {"/predict", "/healthz", "/models"} <= set(schema["paths"])
+    predict = schema["paths"]["/predict"]["post"]
+    assert {"404", "409", "413", "422"} <= set(predict["responses"])
+    body = predict["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert {tuple(alt["required"]) for alt in body} == {("images",), ("array", "shape")}
+    assert "predictions" in schema["components"]["schemas"]["PredictResponse"]["properties"]
+    docs = requests.get(f"{url}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_a_quantized_model_is_served_from_its_onnx_export(tmp_path):
+    """``model_artifact: onnx``: the replica's model is rebuilt from the registry's model.onnx."""
+    from serve.app import DEFAULTS, EdgeModelServer
+    from tdmr_ray.gdfq.baselines import CalibrationConfig, noise_calibrated
+    from tdmr_ray.gdfq.registry_format import publish_quantized
+
+    registry = Registry(str(tmp_path / "reg"))
+    qmodel, _ = noise_calibrated(create_model("resnet20", pretrained=True).eval(), 8, 8,
+                                 CalibrationConfig(batches=1, batch_size=16))
+    publish_quantized(registry, "r20-w8a8", qmodel.eval())
+    cls = EdgeModelServer.func_or_class
+    server = cls.__new__(cls)
+    server.config, server.model_ref = {**DEFAULTS, "model": "r20-w8a8", "model_artifact": "onnx"}, ""
+    server.registry = registry
+    ref, model, meta = server._read_base_model()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert ref == "r20-w8a8@v1" and torch.equal(model(x), qmodel(x))
+    (tmp_path / "reg" / "r20-w8a8" / "v000001" / "model.onnx").write_bytes(b"corrupt")
+    with pytest.raises(Exception, match="checksum mismatch"):
+        server._read_base_model()
 
 
 def test_api_key_is_refused_in_user_config():
