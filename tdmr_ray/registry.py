@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 
 from .storage import filesystem_for, join, resolve_storage
 
-TENSORS, META = "tensors.safetensors", "meta.json"
+TENSORS, META, LATEST = "tensors.safetensors", "meta.json", "LATEST"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # format -> function(tensors, meta) -> nn.Module; other packages register theirs, imported on demand.
@@ -131,6 +131,10 @@ class Registry:
             self._write(join(vdir, fname), data)
         self._write(join(vdir, TENSORS), payload)
         self._write(join(vdir, META), json.dumps(meta, indent=1, default=str).encode())  # commit point
+        try:  # a hint for pollers (see latest_version); the version exists whether or not it is written
+            self._write(join(self.root, name, LATEST), str(version).encode())
+        except OSError:
+            pass
         return Version(name, version, meta)
 
     def publish_model(self, name: str, model, *, parent: str | None = None, metrics: dict | None = None,
@@ -183,8 +187,32 @@ class Registry:
         return [v for v, i in zip(found, metas) if i.type == pafs.FileType.File]
 
     def latest_version(self, name: str, complete_only: bool = True) -> int | None:
+        """The newest complete version. A poll is one small read: the ``LATEST`` pointer that
+        ``publish`` writes after the commit point, then a probe for newer complete versions (the
+        pointer is only a hint: concurrent writers may leave it behind). Without a usable pointer
+        (older registries, a corrupt one), the version directories are listed."""
+        if complete_only:
+            hinted = self._latest_hint(name)
+            if hinted is not None:
+                return hinted
         found = self.versions(name, complete_only)
         return found[-1] if found else None
+
+    def _latest_hint(self, name: str) -> int | None:
+        try:
+            with self.fs.open_input_stream(join(self.root, name, LATEST)) as f:
+                version = int(f.read().decode().strip())
+        except (FileNotFoundError, OSError, ValueError, UnicodeDecodeError):
+            return None
+        if version < 1 or not self._complete(name, version):
+            return None
+        while self._complete(name, version + 1):
+            version += 1
+        return version
+
+    def _complete(self, name: str, version: int) -> bool:
+        info = self.fs.get_file_info(join(self.root, name, f"v{version:06d}", META))
+        return info.type == pafs.FileType.File
 
     def meta(self, name: str, version: int | None = None) -> dict:
         version = self._resolve(name, version)

@@ -92,3 +92,31 @@ def test_concurrent_local_publishers_get_distinct_versions(tmp_path):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert sorted(out) == list(range(1, 9)) and registry.versions("p") == list(range(1, 9))
+
+
+def test_latest_version_reads_the_pointer_and_probes_past_a_stale_one(tmp_path, monkeypatch):
+    """A poll is one small read plus a probe, not a listing of every version; a stale, missing or
+    corrupt pointer still gives the newest complete version."""
+    import torch
+
+    from tdmr_ray.registry import Registry
+
+    reg = Registry(str(tmp_path / "reg"))
+    for i in range(3):
+        reg.publish_edge_params("edge-g", {"w": torch.full((4,), float(i))}, base="m@v1")
+    pointer = tmp_path / "reg" / "edge-g" / "LATEST"
+    assert pointer.read_text() == "3"
+    listing = reg.versions
+    monkeypatch.setattr(reg, "versions", lambda *a, **k: (_ for _ in ()).throw(AssertionError("listed")))
+    assert reg.latest_version("edge-g") == 3  # from the pointer, without listing
+    pointer.write_text("1")  # stale (a concurrent writer's older pointer landed last)
+    assert reg.latest_version("edge-g") == 3
+    (tmp_path / "reg" / "edge-g" / "v000004").mkdir()  # a claimed, unfinished version is not probed into
+    assert reg.latest_version("edge-g") == 3
+    monkeypatch.setattr(reg, "versions", listing)
+    for bad in ("garbage", "9"):  # corrupt or ahead of what exists: fall back to listing
+        pointer.write_text(bad)
+        assert reg.latest_version("edge-g") == 3
+    pointer.unlink()
+    assert reg.latest_version("edge-g") == 3
+    assert float(reg.load_tensors("edge-g")[0]["w"][0]) == 2.0
