@@ -17,8 +17,8 @@ cannot make a replica read the registry per request.
 The API key comes from ``TDMR_SERVE_API_KEY`` in the replicas' environment (a runtime_env or a
 secret), never from ``user_config``, which Serve's REST API shows to whoever can read it.
 """
-from __future__ import annotations
-
+# No "from __future__ import annotations": FastAPI must see the route parameters' real types
+# (as strings it cannot resolve them through Serve's ingress wrapper and reads `request` as a query).
 import asyncio
 import hmac
 import os

@@ -20,6 +20,10 @@ def ray_session(s3_server):
     starts first so that Ray's worker processes inherit its AWS_* settings."""
     import ray
 
+    # Serve's proxy must answer its readiness check within 5 s by default, three times; on 2 busy
+    # cores its start can take longer and the controller kills it (measured: the whole Serve test
+    # module errored with the machine under load). Ray's processes inherit this.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("TDMR_DATA", "TDMR_WEIGHTS")}})

@@ -181,17 +181,19 @@ def test_api_key_is_refused_in_user_config():
 
 
 def test_binding_beyond_loopback_needs_an_api_key(monkeypatch, tmp_path):
-    import serve.app as app
     from serve.app import DEFAULTS, EdgeModelServer
 
     cls = EdgeModelServer.func_or_class
     server = cls.__new__(cls)
     server.config = dict(DEFAULTS)
     monkeypatch.delenv("TDMR_SERVE_API_KEY", raising=False)
-    monkeypatch.setattr(app, "serve_http_host", lambda: "0.0.0.0")
+    # @serve.ingress copies the class (cloudpickle by value), so its methods read a copy of the
+    # module's globals: patch those.
+    module_globals = cls.reconfigure.__globals__
+    monkeypatch.setitem(module_globals, "serve_http_host", lambda: "0.0.0.0")
     with pytest.raises(ValueError, match="beyond loopback"):
         cls.reconfigure(server, {"registry": str(tmp_path / "reg")})
-    monkeypatch.setattr(app, "serve_http_host", lambda: "127.0.0.1")
+    monkeypatch.setitem(module_globals, "serve_http_host", lambda: "127.0.0.1")
     with pytest.raises(Exception) as exc:  # gets past the check (then needs a real batch handler)
         cls.reconfigure(server, {"registry": str(tmp_path / "reg")})
     assert "beyond loopback" not in str(exc.value)
