@@ -53,7 +53,12 @@ def main(argv=None) -> dict:
             name, target, parent=cfg.foundation if "@" in cfg.foundation else None,
             metrics={"top1": target_acc, "teacher_top1": teacher_acc},
             extra={"classes": labelled.classes, "task": cfg.data, "labelled": len(labelled)}).ref
+    from tdmr_ray.tdmr.compute import forward_flops
+
+    example = test.tensors(slice(0, 1))[0]
     metrics = {"target_top1": target_acc, "teacher_top1": teacher_acc, "method": cfg.method,
+               "target_params": sum(p.numel() for p in target.parameters()),
+               "target_mmacs": round(forward_flops(target, example) / 2e6, 2),
                "classes": labelled.num_classes, "labelled": len(labelled), "test_images": len(test),
                "world_size": (result.metrics or {}).get("world_size"),
                "worker_nodes": (result.metrics or {}).get("worker_nodes"), "history": history,

@@ -97,7 +97,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, jobs: dict[str, Callable[[list[
                               "--labelled-fraction", str(cfg.labelled_fraction), "--registry-name",
                               f"{cfg.name}-target", "--output-dir", str(out / "tdmr"), *shlex.split(cfg.tdmr_args)])
             result = {"ref": s["registry_version"], "target_top1": s["metrics"]["target_top1"],
-                      "teacher_top1": s["metrics"]["teacher_top1"], "seconds": s["durations_s"]["total"]}
+                      "teacher_top1": s["metrics"]["teacher_top1"], "seconds": s["durations_s"]["total"],
+                      "params": s["metrics"].get("target_params"), "mmacs": s["metrics"].get("target_mmacs")}
         elif stage == "gdfq":
             target = book.done["tdmr"]["ref"]
             s = jobs["gdfq"]([*common, "--model", target, "--w-bits", str(cfg.w_bits), "--a-bits", str(cfg.a_bits),
@@ -105,7 +106,8 @@ def run_pipeline(cfg: PipelineConfig, out: Path, jobs: dict[str, Callable[[list[
                               *shlex.split(cfg.gdfq_args)])
             m = s["metrics"]
             result = {"ref": s["registry_version"], "fp_top1": m["fp_top1"], "quantized_top1": m["quantized_top1"],
-                      "bits": m["bits"], "seconds": s["durations_s"]["total"]}
+                      "bits": m["bits"], "seconds": s["durations_s"]["total"], "onnx_top1": m.get("onnx_top1"),
+                      "onnx_bytes": m.get("onnx_bytes")}
         elif stage == "fleet":
             edges = {"quantized": book.done["gdfq"]["ref"]}
             if cfg.float_fleet:
@@ -131,12 +133,16 @@ def report_markdown(cfg: PipelineConfig, done: dict) -> str:
              "", "| stage | output | figures | seconds |", "|---|---|---|---:|"]
     if "tdmr" in done:
         t = done["tdmr"]
-        lines.append(f"| tdmr | `{t['ref']}` | target top-1 {t['target_top1']}%, teacher {t['teacher_top1']}% | "
+        size = f", {t['params'] / 1e6:.2f} M parameters, {t['mmacs']} MMACs per image" if t.get("params") else ""
+        lines.append(f"| tdmr | `{t['ref']}` | target top-1 {t['target_top1']}%, teacher {t['teacher_top1']}%{size} | "
                      f"{t['seconds']:.0f} |")
     if "gdfq" in done:
         g = done["gdfq"]
         figures = (f"{g['bits']} top-1 clean / JPEG {g['quantized_top1']['clean']}% / {g['quantized_top1']['jpeg']}% "
                    f"(float {g['fp_top1']['clean']}% / {g['fp_top1']['jpeg']}%)")
+        if g.get("onnx_bytes"):
+            figures += (f"; ONNX QDQ {g['onnx_bytes'] / 1024:.0f} KiB, onnxruntime top-1 clean / JPEG "
+                        f"{g['onnx_top1']['clean']}% / {g['onnx_top1']['jpeg']}%")
         lines.append(f"| gdfq | `{g['ref']}` | {figures} | {g['seconds']:.0f} |")
     for kind, f in (done.get("fleet") or {}).items():
         lift = f["lift"]

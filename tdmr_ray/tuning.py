@@ -159,7 +159,7 @@ def run_sweep(cfg: SweepConfig, output_dir: Path, job_overrides: dict) -> dict:
             "best_flags": flags, "trials": len(rows), "errors": errors, "rows": rows}
 
 
-def trial_resources(cfg: SweepConfig) -> tuple[dict, int | None]:
+def trial_resources(cfg: SweepConfig, cluster_cpus: float | None = None) -> tuple[dict, int | None]:
     """(resources of one trial, concurrent trials) that cannot deadlock.
 
     A CEMA trial computes itself: ``cpus_per_trial`` each, as many at once as Tune fits. A GDFQ/TDMR
@@ -167,12 +167,15 @@ def trial_resources(cfg: SweepConfig) -> tuple[dict, int | None]:
     once the trial runs: were the trial to hold a CPU too, trials could hold every CPU while each
     waits for its worker. So the driver holds a sliver (Tune needs some resource), the worker the
     rest of one CPU, and at most (cluster CPUs // 1) trials run at once, each run's worker accounted.
+    ``cluster_cpus``: default the running cluster's.
     """
-    import ray
-
     if cfg.job == "cema":
         return {"CPU": cfg.cpus_per_trial}, cfg.max_concurrent or None
-    fits = max(1, int(ray.cluster_resources().get("CPU", 1) + 1e-6))
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    fits = max(1, int(cluster_cpus + 1e-6))
     return {"CPU": TRAIN_DRIVER_CPUS}, min(cfg.max_concurrent, fits) if cfg.max_concurrent else fits
 
 

@@ -11,7 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -103,6 +105,41 @@ def test_job_submission_client_runs_the_evaluation_job(ray_start_cluster):
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["job"] == "evaluate" and summary["metrics"]
+
+
+def test_gdfq_and_tdmr_sweeps_submitted_as_jobs_run_two_trials_each(ray_start_cluster):
+    """``jobs/tune.py`` for the two Ray Train jobs, submitted with the Python client: each sweep's
+    two trials drive Ray Train runs on the cluster's 2 CPUs without deadlock (a trial holds a sliver,
+    its Train worker the CPU), and both sweeps, submitted together, finish."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, tmp = ray_start_cluster
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "task.npz", x=rng.integers(0, 255, (120, 16, 16, 1), dtype=np.uint8), y=np.arange(120) % 3)
+    tiny = {"gdfq": {"model": "resnet20", "gdfq": {"epochs": 2, "iters_per_epoch": 2, "batch_size": 8,
+                                                   "warmup_epochs": 1, "range_update_epochs": 1,
+                                                   "lr_milestones": [1]}, "eval_limit": 50},
+            "tdmr": {"foundation": "resnet20", "target": "resnet8", "report_every": 2, "eval_limit": 50,
+                     "data": str(tmp / "task.npz"), "labelled_fraction": 0.1,
+                     "tdmr": {"teacher": {"steps": 2, "batch_size": 8},
+                              "distill": {"steps": 2, "labelled_batch_size": 8, "unlabelled_batch_size": 8}}}}
+    client = JobSubmissionClient(address)
+    jobs = {}
+    for job, settings in tiny.items():
+        (tmp / f"{job}.yaml").write_text(yaml.safe_dump(settings))
+        jobs[job] = client.submit_job(
+            entrypoint=f"python jobs/tune.py --job {job} --num-samples 2 --val-images 32 --job-config {tmp / job}.yaml "
+                       f"--output-dir {tmp / ('sweep-' + job)} --storage {tmp / 'store'}",
+            runtime_env={"working_dir": str(REPO)})
+    deadline = time.time() + 600
+    for job, job_id in jobs.items():
+        while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert time.time() < deadline, f"{job} sweep did not finish"
+            time.sleep(2)
+        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+        m = json.loads((tmp / f"sweep-{job}" / "summary.json").read_text())["metrics"]
+        assert m["trials"] == 2 and not m["errors"], (job, m["errors"])
+        assert all(r["training_iteration"] >= 1 for r in m["rows"]) and 0 <= m["best"]["accuracy"] <= 1
 
 
 def test_job_submit_without_the_token_mode_is_refused(ray_start_cluster, monkeypatch):
