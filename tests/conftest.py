@@ -73,3 +73,15 @@ def jpeg_test():
     from tdmr_ray.data import load_dataset
 
     return load_dataset("cifar10-jpeg", "test")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The suite runs on 2 shared cores: oversubscribed intra-op threads make CPU-heavy modules many
+    times slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

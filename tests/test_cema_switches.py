@@ -12,18 +12,12 @@ import pytest
 import torch
 
 from tdmr_ray.cema import CEMAConfig, CloudAdapter, EdgeRunner, UploadMessage, method_config, run_stream
-from tdmr_ray.cema.norm import read_tbr_stats
 from tdmr_ray.cema.shift import ShiftState, observe
 from tdmr_ray.cema.simulate import make_edge_runner
 from tdmr_ray.models import create_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

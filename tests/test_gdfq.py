@@ -22,13 +22,7 @@ from tdmr_ray.gdfq.train import GDFQConfig, kd_loss, make_state, train_epoch
 from tdmr_ray.models import NormalizedModel, create_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The suite runs on 2 shared cores: oversubscribed intra-op threads make it many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
