@@ -86,6 +86,32 @@ def schedule_departures(cfg: GDFQConfig, calib: CalibrationConfig) -> list[str]:
     return notes
 
 
+def shorten(cfg: GDFQConfig, epochs: int) -> GDFQConfig:
+    """``cfg`` with ``epochs`` epochs: milestones at the same fractions of the schedule, warm-up and
+    activation-range epochs unchanged (they are about the generator's start, not the schedule's length)."""
+    if epochs >= cfg.epochs:
+        return cfg
+    if epochs <= cfg.warmup_epochs:
+        raise ValueError(f"--epochs {epochs} leaves no epoch after the {cfg.warmup_epochs} warm-up epochs")
+    milestones = sorted({max(cfg.warmup_epochs + 1, round(m * epochs / cfg.epochs)) for m in cfg.lr_milestones})
+    return dataclasses.replace(cfg, epochs=epochs, lr_milestones=tuple(m for m in milestones if m < epochs))
+
+
+def probe_seconds_per_epoch(name: str, cfg: GDFQConfig, bits: list[int], device: str) -> float:
+    """Seconds of one quantized-model-updating epoch of ``cfg`` (a throwaway state; one warm-up epoch
+    first so that kernels are compiled and caches warm)."""
+    from tdmr_ray.gdfq.train import make_state, train_epoch
+
+    probe = dataclasses.replace(cfg, epochs=2, warmup_epochs=1, range_update_epochs=1, lr_milestones=())
+    state = make_state(create_model(name, pretrained=True), probe, device, bit_widths=[(b, b) for b in bits])
+    train_epoch(state)
+    start = time.perf_counter()
+    train_epoch(state)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -93,6 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4], help="WkAk for each k")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--jpeg-limit", type=int, default=0, help="JPEG test images (0: all 10,000; else a seeded sample)")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="shorten the preset's GDFQ schedule to this many epochs (learning-rate milestones scaled "
+                        "to the same fractions; warm-up and range-update epochs kept)")
+    p.add_argument("--budget-minutes", type=float, default=0.0,
+                   help="time one full epoch first, then shorten the schedule (as --epochs) to fit this many minutes "
+                        "of GDFQ training per model; the probe's seconds per epoch and the preset's expected "
+                        "full length are reported")
     p.add_argument("--seeds", default="0", help="comma list; the table gives mean ± std over them")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export / onnxruntime part")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -227,6 +260,11 @@ def targets(per_seed: list[dict], onnx_rows: list[dict]) -> list[str]:
                 gaps = {s: round(fp[s] - a, 2) for s, a in top1.items()}
                 ok = all(g <= 0.5 for g in gaps.values())
                 lines.append(f"{model} W8A8 {method} within 0.5 of FP: {'met' if ok else 'NOT met'} (drop {gaps})")
+        if fp and "gdfq" in w4:
+            drop = round(fp["clean"] - w4["gdfq"]["clean"], 2)
+            lines.append(f"{model} W4A4 GDFQ drop on the clean subset <= 3.6 (the paper's): "
+                         f"{'met' if drop <= 3.6 else 'NOT met'} (FP {fp['clean']}, GDFQ {w4['gdfq']['clean']}, "
+                         f"drop {drop})")
         if {"gdfq", "noise", "zeroq"} <= set(w4):
             for s in w4["gdfq"]:
                 seeds_ok = [r[model]["top1"]["W4A4"]["gdfq"][s] > max(r[model]["top1"]["W4A4"]["noise"][s],
@@ -278,6 +316,8 @@ def markdown(report: dict) -> str:
     lines += ["", "Targets:", ""] + [f"- {t}" for t in report["targets"]]
     if report["departures"]:
         lines += ["", "Schedule departures from the reference in this preset:", ""] + [f"- {d}" for d in report["departures"]]
+    if report.get("probe"):
+        lines += ["", "Probe (one full epoch timed before the run): " + json.dumps(report["probe"])]
     lines += ["", "Seconds (first seed): " + json.dumps({m: r["seconds"] for m, r in report["per_seed"][0].items()})]
     return "\n".join(lines) + "\n"
 
@@ -290,9 +330,22 @@ def main(argv=None) -> dict:
     sets = {"clean": load_dataset("cifar10-clean-subset", "test", root=args.data_root),
             "jpeg": load_dataset("cifar10-jpeg", "test", root=args.data_root).sample(args.jpeg_limit, 0)}
     start = time.perf_counter()
+    preset_cfg, probe = PRESETS[args.preset][0], None
+    if args.budget_minutes and "gdfq" in args.methods:
+        per_epoch = probe_seconds_per_epoch(args.models[0], preset_cfg, args.bits, args.device)
+        fit = int(args.budget_minutes * 60 / per_epoch)
+        probe = {"seconds_per_epoch": round(per_epoch, 2), "budget_minutes": args.budget_minutes,
+                 "epochs_that_fit": fit,
+                 "preset_expected_minutes": round(per_epoch * preset_cfg.epochs / 60, 1)}
+        print(f"probe: {per_epoch:.2f} s per epoch of {preset_cfg.iters_per_epoch} x {preset_cfg.batch_size}; "
+              f"the {args.preset} preset ({preset_cfg.epochs} epochs) would take {probe['preset_expected_minutes']} "
+              f"min per model; {fit} epochs fit in {args.budget_minutes} min", flush=True)
+        preset_cfg = shorten(preset_cfg, fit)
+    if args.epochs:
+        preset_cfg = shorten(preset_cfg, args.epochs)
     per_seed, onnx_rows = [], []
     for seed in seeds:
-        gdfq_cfg = dataclasses.replace(PRESETS[args.preset][0], seed=seed)
+        gdfq_cfg = dataclasses.replace(preset_cfg, seed=seed)
         calib_cfg = dataclasses.replace(PRESETS[args.preset][1], seed=seed)
         results = {name: bench_model(name, args, gdfq_cfg, calib_cfg, sets) for name in args.models}
         if seed == seeds[0] and not args.no_onnx:
@@ -309,7 +362,7 @@ def main(argv=None) -> dict:
         "methods": args.methods, "bits": args.bits, "sets": {k: len(v) for k, v in sets.items()},
         "seeds": seeds, "onnxruntime": onnxruntime.__version__,
         "gdfq_config": gdfq_cfg.to_dict(), "calibration_config": calib_cfg.to_dict(),
-        "departures": schedule_departures(gdfq_cfg, calib_cfg),
+        "departures": schedule_departures(gdfq_cfg, calib_cfg), "probe": probe,
         "summary": aggregate(per_seed), "per_seed": per_seed, "onnx": onnx_rows,
         "targets": targets(per_seed, onnx_rows), "total_s": round(time.perf_counter() - start, 1),
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
@@ -16,11 +17,15 @@ DEFAULT_STORAGE = "~/tdmr_ray/storage"
 def resolve_storage(uri: str | None) -> str:
     """The storage URI to use: the argument, ``$TDMR_STORAGE``, or ``~/tdmr_ray/storage``."""
     uri = uri or os.environ.get("TDMR_STORAGE") or DEFAULT_STORAGE
-    return uri if is_remote(uri) else str(Path(uri).expanduser().resolve())
+    if is_remote(uri):
+        return uri
+    if uri.startswith("file:"):  # file:///abs/path (what Path.as_uri() and Ray give): the path, never "./file:/..."
+        uri = unquote(urlparse(uri).path)
+    return str(Path(uri).expanduser().resolve())
 
 
 def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+    return "://" in uri and not uri.startswith("file:")
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -42,7 +47,7 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
         return s3_filesystem(), uri.removeprefix("s3://").rstrip("/")
     if is_remote(uri):
         return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), uri.removeprefix("file://")
+    return pafs.LocalFileSystem(), uri
 
 
 def join(*parts: str) -> str:

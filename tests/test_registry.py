@@ -120,3 +120,17 @@ def test_latest_version_reads_the_pointer_and_probes_past_a_stale_one(tmp_path, 
     pointer.unlink()
     assert reg.latest_version("edge-g") == 3
     assert float(reg.load_tensors("edge-g")[0]["w"][0]) == 2.0
+
+
+def test_file_uris_are_local_paths_not_a_file_colon_folder_in_the_working_directory(tmp_path, monkeypatch):
+    from tdmr_ray.storage import RunStore, is_remote, resolve_storage
+
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "elsewhere"
+    for uri in (target.as_uri(), f"file:{target}"):
+        assert not is_remote(uri)
+        assert resolve_storage(uri) == str(target)
+        store = RunStore(uri)
+        store.write("hosts/host-0.safetensors", b"x")
+        assert (target / "hosts" / "host-0.safetensors").read_bytes() == b"x"
+    assert not (tmp_path / "file:").exists()
