@@ -182,6 +182,22 @@ def test_tbr_matches_reference_values_gradients_and_statistics():
     assert torch.allclose(y, expected * m.weight.view(1, -1, 1, 1) + m.bias.view(1, -1, 1, 1), atol=1e-4)
 
 
+def test_tbr_total_variance_counts_the_spread_of_batch_means():
+    """Two batches whose means differ (as with label-correlated batches): the reference's EMA of
+    batch variances keeps the within-batch variance; total_var gives the mixture's variance."""
+    x1 = torch.tensor([-2.0, 0.0]).repeat(8).view(16, 1, 1, 1)  # mean -1, unbiased variance 16/15
+    x2 = x1 + 2.0  # mean +1, same variance
+    within = float(torch.var(x1))
+    for total, expected_var in ((False, within), (True, within + 1.0)):  # mixture 50/50: + (1 - (-1))^2 / 4
+        bn = TestTimeBatchNorm2d(1, momentum=0.5)
+        bn.mode, bn.total_var = "tbr", total
+        bn.train()
+        with torch.no_grad():
+            bn(x1), bn(x2)
+        assert abs(float(bn.running_mean) - 0.0) < 1e-6
+        assert abs(float(bn.running_var) - expected_var) < 1e-5, (total, float(bn.running_var))
+
+
 def test_norm_modes_and_stats_io():
     torch.manual_seed(1)
     model = convert_to_test_time_bn(create_model("resnet20"))

@@ -255,7 +255,8 @@ class CloudAdapter:
         if new is not None:
             x_new = self._to_input(new)
             # Step 1: the foundation model, entropy minimization; its TBR statistics move here.
-            set_norm_mode(self.foundation, "tbr", update_stats=True, momentum=c.tbr_momentum)
+            set_norm_mode(self.foundation, "tbr", update_stats=True, momentum=c.tbr_momentum,
+                          total_var=c.tbr_total_var)
             if c.adapt_foundation:
                 loss = weighted_entropy_loss(self.foundation(x_new), self.e_max)
                 _sgd(self._f_params, loss, ks.foundation.momentum, c.foundation_lr, c.momentum)
@@ -272,7 +273,8 @@ class CloudAdapter:
         with torch.no_grad():
             teacher = self.foundation(x)
         # (With device statistics the edge copy normalizes exactly as the uploader does.)
-        set_norm_mode(self.edge, "tbr", update_stats=not self.device_stats, momentum=c.tbr_momentum)
+        set_norm_mode(self.edge, "tbr", update_stats=not self.device_stats, momentum=c.tbr_momentum,
+                      total_var=c.tbr_total_var)
         terms = distillation_loss(self.edge(x), teacher, self.e_max, c.alpha, c.beta, c.gamma, c.temperature)
         _sgd(self._e_params, terms.total, ks.edge.momentum, c.edge_lr, c.momentum)
         if c.source_pull:

@@ -93,6 +93,10 @@ class EdgeConfig:
     # a stationary domain's statistics average over many batches instead of the last ~10, which
     # label-correlated batches (a few classes each) bias. False: the reference's EMA.
     tbr_cumulative: bool = False
+    # Beyond the paper: the edge's own TBR variance is the EMA of the total variance (batch variance
+    # plus the spread of batch means; TestTimeBatchNorm2d.total_var). With label-correlated batches
+    # (a few classes each) the reference's EMA of batch variances misses the between-class spread.
+    tbr_total_var: bool = False
     mix_weight: float = 0.5  # batch share in "mix" mode (reference bn_adapt.conf momentum 0.5)
     # Where the edge's TBR statistics come from (methods that upload). "cloud" (default, the
     # reference's behaviour: its edge is a copy of the cloud's edge model, statistics included):
@@ -139,6 +143,7 @@ class CloudConfig:
     replay_only_multiple: int = 4
     replay_only_steps: bool = True
     tbr_momentum: float = 0.1
+    tbr_total_var: bool = False  # beyond the paper: as edge.tbr_total_var, for both cloud models' statistics
     # Beyond the paper: after every step both models' affine parameters move toward the source
     # parameters, p <- (1 - source_pull) * p + source_pull * p_source (ROID's weight ensembling
     # uses 0.01). 0: off, the reference.

@@ -188,7 +188,7 @@ class EdgeRunner:
             load_tbr_stats(self.model, state.stats)
         set_norm_mode(self.model, self.cfg.edge.norm, update_stats=self.uses_tbr and self.local_stats,
                       mix_weight=self.cfg.edge.mix_weight, momentum=self.cfg.edge.tbr_momentum,
-                      cumulative=self.cfg.edge.tbr_cumulative)
+                      cumulative=self.cfg.edge.tbr_cumulative, total_var=self.cfg.edge.tbr_total_var)
 
     def forward(self, state: EdgeDeviceState, x: torch.Tensor) -> torch.Tensor:
         """Logits for ``x`` with the device's parameters (and its TBR statistics, moved here when local)."""

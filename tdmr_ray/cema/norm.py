@@ -42,6 +42,11 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
         # True: the TBR statistics move by max(momentum, 1/n) at the n-th batch since they started (a
         # cumulative average until 1/n falls to ``momentum``), not by ``momentum`` from the second batch.
         self.cumulative = False
+        # True: running_var is the EMA of the *total* variance, (1-s) var_r + s var_b + s (1-s)(mu_b - mu_r)^2,
+        # i.e. it also counts how far batch means move (the law of total variance for the mixture the
+        # EMA weights describe). False (BatchNorm's and the reference's rule): the EMA of batch variances,
+        # which misses the between-class spread when each batch holds only a few classes.
+        self.total_var = False
         # Mirrors num_batches_tracked > 0 without a device sync per forward; load_tbr_stats sets it.
         self.stats_started = False
 
@@ -114,8 +119,12 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
             if self.cumulative:
                 step = max(step, 1.0 / (float(self.num_batches_tracked) + 1.0))
             with torch.no_grad():
-                self.running_mean.add_(step * (mean - self.running_mean))
-                self.running_var.add_(step * (var - self.running_var))
+                delta = mean - self.running_mean
+                self.running_mean.add_(step * delta)
+                if self.total_var:
+                    self.running_var.mul_(1 - step).add_(step * var + step * (1 - step) * delta.square())
+                else:
+                    self.running_var.add_(step * (var - self.running_var))
                 self.num_batches_tracked.add_(1)
         return y
 
@@ -144,10 +153,11 @@ def test_time_bn_modules(model: nn.Module) -> dict[str, TestTimeBatchNorm2d]:
 
 
 def set_norm_mode(model: nn.Module, mode: str, update_stats: bool = False, mix_weight: float = 0.5,
-                  momentum: float = 0.1, cumulative: bool = False) -> None:
+                  momentum: float = 0.1, cumulative: bool = False, total_var: bool = False) -> None:
     """Select the statistics mode of every test-time BN; ``update_stats`` moves the TBR running
-    statistics by EMA with ``momentum`` (``cumulative``: by max(momentum, 1/n), see the class);
-    ``mix_weight`` is the batch's share in ``mix`` mode."""
+    statistics by EMA with ``momentum`` (``cumulative``: by max(momentum, 1/n); ``total_var``: the
+    variance counts the batch means' spread; see the class); ``mix_weight`` is the batch's share in
+    ``mix`` mode."""
     if mode not in NORM_MODES:
         raise ValueError(f"unknown normalization mode {mode!r}; expected one of {NORM_MODES}")
     for m in test_time_bn_modules(model).values():
@@ -155,6 +165,7 @@ def set_norm_mode(model: nn.Module, mode: str, update_stats: bool = False, mix_w
         m.mix_weight = mix_weight
         m.momentum = momentum
         m.cumulative = cumulative
+        m.total_var = total_var
         m.train(update_stats)
 
 
