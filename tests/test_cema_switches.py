@@ -131,6 +131,22 @@ def test_device_statistics_travel_with_uploads_and_the_cloud_distils_under_them(
         cloud.process(dataclasses.replace(out.upload, stats=bad))
 
 
+def test_upload_stats_momentum_averages_the_uploaded_device_statistics(model):
+    cfg = cfg_with("cema", edge={"stats_source": "upload"}, cloud=small(upload_stats_momentum=0.25),
+                   filter={"redundancy": False, "low_info": False, "unreliable": False})
+    edge = EdgeRunner(model, cfg)
+    cloud = CloudAdapter(model, model, cfg)
+    first = edge.infer(edge.new_device("d"), images(8, 0)).upload
+    second = edge.infer(edge.new_device("d"), images(8, 1, shift=40.0)).upload
+    cloud.process(first)
+    cloud.process(second)
+    key = "backbone.bn1.running_mean"
+    expected = first.stats[key] + 0.25 * (second.stats[key] - first.stats[key])
+    assert torch.allclose(cloud.keys["d"].edge.stats[key], expected)  # the first replaced, the second averaged in
+    with pytest.raises(ValueError, match="upload_stats_momentum"):
+        CloudAdapter(model, model, cfg_with("cema", cloud={"upload_stats_momentum": 0.0}))
+
+
 def test_shift_detector_fires_on_a_statistics_jump_and_not_within_a_domain():
     cfg = CEMAConfig().shift
     state = ShiftState()

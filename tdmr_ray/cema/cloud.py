@@ -125,7 +125,8 @@ class CloudAdapter:
         ks = self._key_state(key or upload.device_id)
         self._maybe_shift_reset(ks, upload)
         if upload.stats is not None and self.device_stats:
-            ks.edge.stats = {k: v.to(self.device, copy=True) for k, v in upload.stats.items()}
+            ks.edge.stats = _follow_stats(ks.edge.stats, upload.stats, self.cfg.cloud.upload_stats_momentum,
+                                          self.device)
         new = torch.tensor(upload.images, device=self.device)  # a copy: Ray hands read-only arrays
         ks.samples_received += len(new)
         # As the reference: uploads enter the replay buffer when they arrive.
@@ -235,7 +236,7 @@ class CloudAdapter:
         if "edge_affine" in parts:
             ks.edge.affine = {k: v.clone() for k, v in self._e_init.items()}
             ks.edge.momentum = {}
-        if "edge_stats" in parts and not self.device_stats:
+        if "edge_stats" in parts:  # (with device statistics: the next upload's replace them)
             ks.edge.stats = None
         ks.shift_resets += 1
         ks.last_reset_step = ks.steps
@@ -312,6 +313,16 @@ def _pull(params: dict[str, nn.Parameter], source: dict[str, torch.Tensor], weig
 def _read_back(model: nn.Module, params: dict[str, nn.Parameter], state: ModelState) -> None:
     state.affine = {k: p.detach().clone() for k, p in params.items()}
     state.stats = read_tbr_stats(model)
+
+
+def _follow_stats(current: dict | None, uploaded: dict, momentum: float, device) -> dict:
+    """``uploaded`` statistics (a copy) if ``current`` is None or ``momentum`` >= 1, else ``current``
+    moved ``momentum`` of the way toward them (counters taken from the upload)."""
+    new = {k: v.to(device, copy=True) for k, v in uploaded.items()}
+    if current is None or momentum >= 1:
+        return new
+    return {k: v if k.endswith("num_batches_tracked") else current[k] + momentum * (v - current[k])
+            for k, v in new.items()}
 
 
 def _sgd(params: dict[str, nn.Parameter], loss: torch.Tensor, momentum_buffers: dict, lr: float,

@@ -144,6 +144,11 @@ class CloudConfig:
     replay_only_steps: bool = True
     tbr_momentum: float = 0.1
     tbr_total_var: bool = False  # beyond the paper: as edge.tbr_total_var, for both cloud models' statistics
+    # Beyond the paper, with edge.stats_source="upload": the edge copy's statistics move this fraction
+    # toward each upload's device statistics (1: replaced by them). Below 1 the cloud distils under an
+    # average over its recent uploads (bursts of different classes mixed); a shift reset of
+    # edge_stats restarts the average from the next upload.
+    upload_stats_momentum: float = 1.0
     # Beyond the paper: after every step both models' affine parameters move toward the source
     # parameters, p <- (1 - source_pull) * p + source_pull * p_source (ROID's weight ensembling
     # uses 0.01). 0: off, the reference.
@@ -214,6 +219,8 @@ def check_config(cfg: "CEMAConfig") -> None:
     unknown = sorted(set(cfg.shift.reset) - set(SHIFT_PARTS))
     if unknown:
         raise ValueError(f"shift.reset: unknown parts {unknown}; choose from {list(SHIFT_PARTS)}")
+    if not 0.0 < cfg.cloud.upload_stats_momentum <= 1.0:
+        raise ValueError(f"cloud.upload_stats_momentum must be in (0, 1], got {cfg.cloud.upload_stats_momentum}")
     if not 0.0 <= cfg.cloud.source_pull < 1.0:
         raise ValueError(f"cloud.source_pull must be in [0, 1), got {cfg.cloud.source_pull}")
     if cfg.cloud.replay_capacity < 0:
