@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--preset", args.preset, "--output-dir", str(out),
-               "--storage", str(Path(tmp) / "store")] + args.pipeline_args.split()
+               "--storage", str(Path(tmp) / "store")] + shlex.split(args.pipeline_args)
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=os.environ.copy())
         total_s = time.perf_counter() - start

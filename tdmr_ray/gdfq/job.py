@@ -39,10 +39,12 @@ class GDFQJobConfig(CommonConfig):
 
 
 PRESETS = {
-    # A few minutes on 2 CPU cores: short schedule, small batches, ranges calibrate for 2 epochs.
-    "quick": {"eval_limit": 2000, "gdfq": {"epochs": 6, "iters_per_epoch": 20, "batch_size": 64,
-                                           "warmup_epochs": 2, "range_update_epochs": 2,
-                                           "lr_milestones": [4]}},
+    # A few minutes on 2 CPU cores: short schedule, small batches. The generator trains alone for 4
+    # epochs (80 steps) before the quantized model learns from it: with 2 (40 steps) the pipeline's
+    # W8A8 target lost 1.58 points clean, with 4 0.99 (bench/results/pipeline_gdfq-warmup4.md).
+    "quick": {"eval_limit": 2000, "gdfq": {"epochs": 8, "iters_per_epoch": 20, "batch_size": 64,
+                                           "warmup_epochs": 4, "range_update_epochs": 4,
+                                           "lr_milestones": [6]}},
     # About an hour on 2 CPU cores (2 workers): 1/125 of the reference's generated images.
     "medium": {"eval_limit": 0, "gdfq": {"epochs": 40, "iters_per_epoch": 50, "batch_size": 64, "warmup_epochs": 4,
                                           "range_update_epochs": 4, "lr_milestones": [24, 32]}},
