@@ -96,6 +96,7 @@ class EdgeConfig:
     # Beyond the paper: the edge's own TBR variance is the EMA of the total variance (batch variance
     # plus the spread of batch means; TestTimeBatchNorm2d.total_var). With label-correlated batches
     # (a few classes each) the reference's EMA of batch variances misses the between-class spread.
+    # A diagnostic switch: it did not close the label-mode gap (README, CEMA diagnosis).
     tbr_total_var: bool = False
     mix_weight: float = 0.5  # batch share in "mix" mode (reference bn_adapt.conf momentum 0.5)
     # Where the edge's TBR statistics come from (methods that upload). "cloud" (default, the
@@ -147,7 +148,8 @@ class CloudConfig:
     # Beyond the paper, with edge.stats_source="upload": the edge copy's statistics move this fraction
     # toward each upload's device statistics (1: replaced by them). Below 1 the cloud distils under an
     # average over its recent uploads (bursts of different classes mixed); a shift reset of
-    # edge_stats restarts the average from the next upload.
+    # edge_stats restarts the average from the next upload. A diagnostic switch: below 1 it lost
+    # accuracy in every mode tried (README, CEMA diagnosis).
     upload_stats_momentum: float = 1.0
     # Beyond the paper: after every step both models' affine parameters move toward the source
     # parameters, p <- (1 - source_pull) * p + source_pull * p_source (ROID's weight ensembling
