@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -166,24 +167,49 @@ def single_process_loop(devices: int, batches: int, batch_size: int, pool, threa
     return done * batch_size / (time.perf_counter() - start)
 
 
+def ray_system_rss() -> int:
+    """Resident bytes of this process and of Ray's processes other than the fleet's actors (which
+    report their own at the end of a run and are gone by now): GCS, raylet, dashboard, idle workers."""
+    import psutil
+
+    total = psutil.Process().memory_info().rss
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.pid != os.getpid() and ("gcs_server" in cmd or "raylet" in cmd or "ray/dashboard" in cmd
+                                            or "ray::" in cmd or "default_worker.py" in cmd):
+                total += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
 def part_sizes(args, tmp: Path, cpus: int) -> list[dict]:
     pool = build_pool("cifar10-jpeg", "gaussian_noise", 5, 1000, 0)
     rows = []
     for devices in args.sizes:
         common = dict(devices=devices, batches_per_device=args.batches_per_device, pool_size=1000)
         full = fleet_run(tmp, f"{devices}full", **common)
-        edge = fleet_run(tmp, f"{devices}edge", uploads=False, hosts=cpus, **common)
-        hosts = len(list((Path(edge["run_store"]) / "hosts").glob("host-*.safetensors")))
+        # (the edge-only fleet, for the ratio, is skipped above --edge-only-max-devices: it doubles a long run)
+        edge = fleet_run(tmp, f"{devices}edge", uploads=False, hosts=cpus, **common) \
+            if devices <= args.edge_only_max_devices else None
+        hosts = len(list((Path((edge or full)["run_store"]) / "hosts").glob("host-*.safetensors")))
         single = max(single_process_loop(devices, args.batches_per_device, 64, pool, t, "cema_plus")
                      for t in sorted({1, hosts}))
         rss = full["hosts_rss_bytes"] + full.get("adapter", {}).get("rss_bytes", 0)
+        # + this driver and Ray's own processes (GCS, raylet, dashboard, idle workers), read after the run
+        all_rss = rss + ray_system_rss()
         state = sum(f.stat().st_size for f in (Path(full["run_store"]) / "hosts").glob("*.safetensors")) / devices
         rows.append({"devices": devices, "fleet_samples_per_s": full["samples_per_s"],
-                     "edge_only_samples_per_s": edge["samples_per_s"], "single_process_samples_per_s": round(single, 1),
-                     "ratio_edge_only_to_single_process": round(edge["samples_per_s"] / single, 3),
+                     "edge_only_samples_per_s": edge["samples_per_s"] if edge else None,
+                     "single_process_samples_per_s": round(single, 1),
+                     "ratio_edge_only_to_single_process": round(edge["samples_per_s"] / single, 3) if edge else None,
+                     "ratio_fleet_to_single_process": round(full["samples_per_s"] / single, 3),
+                     "batches_per_device": args.batches_per_device, "stream_seconds": full["stream_seconds"],
                      "lift": full["lift"]["lift"], "refused_fraction": full["refused_fraction"],
                      "apply_latency_p50_s": full["apply_latency_s"]["p50"],
-                     "fleet_rss_gib": round(rss / 2**30, 2), "hosts_rss_bytes": full["hosts_rss_bytes"],
+                     "fleet_rss_gib": round(rss / 2**30, 2), "all_ray_processes_rss_gib": round(all_rss / 2**30, 2),
+                     "hosts_rss_bytes": full["hosts_rss_bytes"],
                      "device_state_kib": round(state / 1024, 1)})
         print(json.dumps(rows[-1]), flush=True)
     if len(rows) > 1:
@@ -278,6 +304,8 @@ def main(argv=None):
                    help="a third lift run whose devices run one batch per this many seconds (0: none)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--batches-per-device", type=int, default=2)
+    p.add_argument("--edge-only-max-devices", type=int, default=1024,
+                   help="sizes part: run the edge-only fleet (the ratio's numerator) up to this many devices")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result files (fleet<tag>.json/md)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -304,7 +332,9 @@ def main(argv=None):
             lines += [f"Fleet sizes ({args.batches_per_device} batches of 64 per device):", ""]
             lines += table(result["sizes"], ["devices", "fleet_samples_per_s", "edge_only_samples_per_s",
                                              "single_process_samples_per_s", "ratio_edge_only_to_single_process",
-                                             "lift", "refused_fraction", "apply_latency_p50_s", "fleet_rss_gib",
+                                             "ratio_fleet_to_single_process", "stream_seconds", "lift",
+                                             "refused_fraction", "apply_latency_p50_s", "fleet_rss_gib",
+                                             "all_ray_processes_rss_gib",
                                              "rss_per_added_device_kib", "device_state_kib"]) + [""]
         if "faults" in args.parts:
             lift_rows = result.get("lift") or json.loads((args.out_dir / "fleet.json").read_text()).get("lift", [])

@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="train nothing: combine these result files (same preset, foundation, target and "
+                        "config; e.g. one seed each, run at different times) into one table")
     return p.parse_args(argv)
 
 
@@ -111,8 +114,43 @@ def make_task(name: str, train, test, seed: int, eval_images: int | None):
     return labelled, unlabelled, test
 
 
+def merge(paths: list[Path]) -> dict:
+    """One result from several runs of the same setting (their rows and seeds together)."""
+    results = [json.loads(p.read_text()) for p in paths]
+    first = results[0]
+    for p, r in zip(paths[1:], results[1:]):
+        for field in ("preset", "foundation", "target", "device"):
+            if r.get(field) != first.get(field):
+                raise SystemExit(f"--merge: {p} has {field} {r.get(field)!r}, {paths[0]} has {first.get(field)!r}")
+        a, b = dict(first["config"]), dict(r["config"])
+        a.pop("seed", None), b.pop("seed", None)
+        if a != b:
+            raise SystemExit(f"--merge: {p} was run with another config than {paths[0]}")
+    # (rows of older files carry no seed: their file ran one)
+    rows = [{"seed": r.get("seeds", [r["config"].get("seed", 0)])[0], **row} for r in results for row in r["rows"]]
+    seen = [(row["task"], row["seed"], row["method"]) for row in rows]
+    if len(set(seen)) != len(seen):
+        raise SystemExit("--merge: the files overlap (the same task, seed and method twice)")
+    merged = dict(first, rows=rows, seeds=sorted({row["seed"] for row in rows}), merged_from=[str(p) for p in paths])
+    for r in results[1:]:
+        merged["target_size"] = {**r.get("target_size", {}), **merged.get("target_size", {})}
+    return merged
+
+
+def write_result(result: dict, args) -> None:
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"tdmr-{result['preset']}{'-' + args.tag if args.tag else ''}"
+    write_atomic(args.out_dir / f"{stem}.json", json.dumps(result, indent=1).encode())
+    write_atomic(args.out_dir / f"{stem}.md", markdown(result).encode())
+    print(markdown(result))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        result = merge(args.merge)
+        write_result(result, args)
+        return result
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     preset = PRESETS[args.preset]
@@ -149,11 +187,7 @@ def main(argv=None) -> dict:
               "target_size": sizes, "foundation_size": model_size(make_foundation(), test),
               "config": cfg.to_dict(), "rows": rows, "host": platform.node(), "threads": args.threads, "device": device,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"tdmr-{args.preset}{'-' + args.tag if args.tag else ''}"
-    write_atomic(args.out_dir / f"{stem}.json", json.dumps(result, indent=1).encode())
-    write_atomic(args.out_dir / f"{stem}.md", markdown(result).encode())
-    print(markdown(result))
+    write_result(result, args)
     return result
 
 
@@ -169,6 +203,29 @@ def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def verdicts(groups: dict[tuple, list[dict]]) -> list[str]:
+    """Per task with >= 2 seeds: does TDMR beat each baseline by more than the seed spread (the sum
+    of the two methods' standard deviations over seeds)?"""
+    out = []
+    for task in dict.fromkeys(t for t, _ in groups):
+        tdmr = [r["target_acc"] for r in groups.get((task, "tdmr"), [])]
+        if len(tdmr) < 2:
+            continue
+        parts = []
+        for (t, method), rs in groups.items():
+            if t != task or method == "tdmr" or len(rs) < 2:
+                continue
+            accs = [r["target_acc"] for r in rs]
+            margin = statistics.mean(tdmr) - statistics.mean(accs)
+            spread = statistics.stdev(tdmr) + statistics.stdev(accs)
+            word = "beats" if margin > spread else ("loses to" if -margin > spread else "ties")
+            parts.append(f"{word} {method} ({margin:+.2f}, spread {spread:.2f})")
+        if parts:
+            out.append(f"- {task}: TDMR " + "; ".join(parts))
+    return ["", "TDMR against each baseline (mean margin, points; spread = sum of the two std over seeds):", *out] \
+        if out else []
 
 
 def markdown(result: dict) -> str:
@@ -203,7 +260,9 @@ def markdown(result: dict) -> str:
                      f"{fb['foundation'][0]}/{fb['foundation'][1]} | {fb['target'][0]}/{fb['target'][1]} |")
         if task not in best or statistics.mean(accs) > best[task][1]:
             best[task] = (method, statistics.mean(accs))
-    lines += ["", "Best per task (mean): " + ", ".join(f"{t}: {m} ({a:.2f})" for t, (m, a) in best.items()), "",
+    lines += ["", "Best per task (mean): " + ", ".join(f"{t}: {m} ({a:.2f})" for t, (m, a) in best.items())]
+    lines += verdicts(groups)
+    lines += ["",
               f"Device {result['device']}, {result['threads']} CPU threads, torch {result['torch']}, {result['date']}."]
     return "\n".join(lines) + "\n"
 

@@ -3,16 +3,23 @@
 Routes (a FastAPI ingress: typed responses, OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 ``POST /predict`` (see serve/codec.py for the body), ``GET /healthz``, ``GET /models``. Errors are
 ``{"error": "<what is wrong>"}`` with the status (400/401/404/405/409/413/422/502).
-A request names its device or group with Serve's multiplexing header ``serve_multiplexed_model_id``;
-the replica then applies that id's newest normalization-parameter set (registry name
-``<params_prefix><id>``) on top of the shared frozen model. Without the header the base model answers.
+A request names its device or group with the header ``X-Device-Id`` (Serve's multiplexing header
+``serve_multiplexed_model_id`` is read the same way); the replica applies that id's newest
+normalization-parameter set (registry name ``<params_prefix><id>``) on top of the shared frozen model.
+Without either header the base model answers.
+
+Parameter sets are a few KB, so every replica keeps the ones it was asked for in a dict (LRU, up to
+``max_param_sets``) instead of Serve's per-replica model multiplexing: any replica can answer any
+device, one batch mixes devices (one forward per parameter set in it), and the deployment works
+behind ingresses that do not route by model id (Ray Serve's throughput-optimized direct ingress).
 
 New versions are picked up by *polling* the registry (every ``poll_interval_s``, in a thread off
-the event loop): the registry is the single source of truth that the cloud adapter already writes,
-polling needs no channel from the adapter to every replica on every node, and a version is swapped
-in on the event loop between two batches, so no request fails or sees a half-applied set. The poll
-also lists the registry's names, so an unknown device id is answered from that list: random ids
-cannot make a replica read the registry per request.
+the event loop) for the sets used in the last ``active_window_s``; a request for a set not checked
+for two poll intervals checks it first. The registry is the single source of truth that the cloud
+adapter already writes, polling needs no channel from the adapter to every replica on every node,
+and a version is swapped in on the event loop between two batches, so no request fails or sees a
+half-applied set. The poll also lists the registry's names, so an unknown device id is answered from
+that list: random ids cannot make a replica read the registry per request.
 
 The API key comes from ``TDMR_SERVE_API_KEY`` in the replicas' environment (a runtime_env or a
 secret), never from ``user_config``, which Serve's REST API shows to whoever can read it.
@@ -24,7 +31,7 @@ import hmac
 import os
 import re
 import time
-import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +48,7 @@ from serve.codec import BadRequest, decode_request, encode_predictions
 from tdmr_ray.models import norm_affine_parameters
 from tdmr_ray.registry import Registry, RegistryError
 
+MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Serve's header, accepted like X-Device-Id
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 DEFAULTS = {
     "registry": "",  # registry URI; default <$TDMR_STORAGE>/registry
@@ -49,6 +57,8 @@ DEFAULTS = {
     "params_prefix": "edge-cema-",  # device/group id -> registry name of its parameter sets
     "input_size": 32,
     "poll_interval_s": 2.0,
+    "active_window_s": 60.0,  # the poller refreshes the parameter sets requested within this window
+    "max_param_sets": 4096,  # parameter sets a replica keeps (LRU; a ResNet-20 set is ~11 KB)
     "max_batch_size": 64,
     "batch_wait_timeout_s": 0.002,
     "max_images_per_request": 256,
@@ -77,10 +87,17 @@ class ParamSet:
     name: str
     params: dict
     ref: str
+    checked_at: float = 0.0  # monotonic time of the last registry check
+    used_at: float = 0.0  # monotonic time of the last request
 
 
 class UnknownDevice(Exception):
     pass
+
+
+def _version(ref: str) -> int:
+    """N of a registry reference ``name@vN`` (0 for none)."""
+    return int(ref.rsplit("@v", 1)[1]) if "@v" in ref else 0
 
 
 # -- the HTTP API: typed responses, one error shape -----------------------------------------------
@@ -134,7 +151,7 @@ ERRORS = {status: {"model": ErrorBody, "description": what} for status, what in 
 
 api = FastAPI(title="tdmr-ray edge models",
               description="Edge models from the registry, each device or group on its newest normalization "
-                          "parameters. Name the device or group with the `serve_multiplexed_model_id` header.")
+                          "parameters. Name the device or group with the `X-Device-Id` header (or `serve_multiplexed_model_id`).")
 
 
 @api.exception_handler(BadRequest)
@@ -167,7 +184,8 @@ class EdgeModelServer:
         self.config = dict(DEFAULTS)
         self.model = None
         self.model_ref = ""
-        self._sets: weakref.WeakValueDictionary[str, ParamSet] = weakref.WeakValueDictionary()
+        self._sets: OrderedDict[str, ParamSet] = OrderedDict()  # device id -> set, least recently used first
+        self._loading: dict[str, asyncio.Future] = {}  # device id -> its first load, shared by waiting requests
         self._poller: asyncio.Task | None = None
         self._known: set[str] = set()  # registry names, listed by the poller
         self._listed_at = 0.0
@@ -241,12 +259,23 @@ class EdgeModelServer:
                 if loaded is not None:
                     self._swap_base_model(*loaded)
                 await asyncio.to_thread(self._list_names)
-                for param_set in list(self._sets.values()):
-                    found = await asyncio.to_thread(self._read_params, param_set)
-                    if found is not None:
-                        param_set.params, param_set.ref = found
+                active = time.monotonic() - float(self.config["active_window_s"])
+                for param_set in [p for p in self._sets.values() if p.used_at >= active]:
+                    await self._refresh(param_set)
             except Exception as exc:  # keep serving the versions we have
                 print(f"[serve] poll failed, keeping current versions: {exc}", flush=True)
+
+    async def _refresh(self, param_set: ParamSet) -> None:
+        """Swap in the set's newest version if there is a newer valid one; a failed read or an invalid
+        newest version is logged and the loaded version keeps serving."""
+        param_set.checked_at = time.monotonic()  # (first: concurrent requests do not all re-read it)
+        try:
+            found = await asyncio.to_thread(self._read_params, param_set)
+        except Exception as exc:
+            print(f"[serve] {param_set.name}: keeping {param_set.ref}: {exc}", flush=True)
+            return
+        if found is not None and _version(found[1]) > _version(param_set.ref):  # (a slower, older read loses)
+            param_set.params, param_set.ref = found
 
     def _list_names(self) -> None:
         self._known = set(self.registry.names())
@@ -269,19 +298,39 @@ class EdgeModelServer:
             raise ValueError(f"{param_set.name}@v{version} holds non-finite values")
         return params, f"{param_set.name}@v{version}"
 
-    @serve.multiplexed(max_num_models_per_replica=256)
     async def get_param_set(self, device_id: str) -> ParamSet:
+        """``device_id``'s newest parameter set: from the replica's dict, checked against the registry
+        if the poller has not done so for two poll intervals (an idle set), loaded on first use."""
+        now, interval = time.monotonic(), float(self.config["poll_interval_s"])
+        param_set = self._sets.get(device_id)
+        if param_set is not None:
+            self._sets.move_to_end(device_id)
+            param_set.used_at = now
+            if now - param_set.checked_at > 2 * interval:
+                await self._refresh(param_set)
+            return param_set
+        loading = self._loading.get(device_id)
+        if loading is None:  # one registry load per id, however many requests wait for it
+            loading = self._loading[device_id] = asyncio.ensure_future(self._load_param_set(device_id))
+            loading.add_done_callback(lambda _: self._loading.pop(device_id, None))
+        return await asyncio.shield(loading)
+
+    async def _load_param_set(self, device_id: str) -> ParamSet:
+        now, interval = time.monotonic(), float(self.config["poll_interval_s"])
         name = f"{self.config['params_prefix']}{device_id}"
-        if name not in self._known and time.monotonic() - self._listed_at > float(self.config["poll_interval_s"]):
+        if name not in self._known and now - self._listed_at > interval:
             await asyncio.to_thread(self._list_names)  # at most once per poll interval, whatever the ids
         if name not in self._known:
             raise UnknownDevice(f"unknown device or group {device_id!r}: no parameter set {name!r} in the registry")
-        param_set = ParamSet(name, {}, "")
+        param_set = ParamSet(name, {}, "", used_at=now)
         found = await asyncio.to_thread(self._read_params, param_set)
         if found is None:
             raise UnknownDevice(f"unknown device or group {device_id!r}: no complete version of {name!r}")
         param_set.params, param_set.ref = found
+        param_set.checked_at = time.monotonic()
         self._sets[device_id] = param_set
+        while len(self._sets) > int(self.config["max_param_sets"]):
+            self._sets.popitem(last=False)
         return param_set
 
     # -- inference ---------------------------------------------------------------------------
@@ -292,25 +341,32 @@ class EdgeModelServer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def predict_batch(self, requests: list[tuple[np.ndarray, ParamSet | None]]) -> list[dict]:
-        # Serve splits batches by multiplexed id, so one batch shares one parameter set.
-        param_set = requests[0][1]
-        sizes = [len(x) for x, _ in requests]
-        x = torch.from_numpy(np.concatenate([x for x, _ in requests])).permute(0, 3, 1, 2).float().div_(255)
-        params, params_ref = (param_set.params, param_set.ref) if param_set else (self.base_affine, None)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            self._apply(params)
-            probs = torch.softmax(self.model(x), dim=1)
-        self.timing["forward_s"] += time.perf_counter() - t0
-        self.timing["batches"] += 1
-        self.timing["images"] += len(x)
-        t0 = time.perf_counter()
-        predictions = encode_predictions(probs, self.class_names)
-        out, start = [], 0
-        for n in sizes:
-            out.append({"predictions": predictions[start:start + n], "model": self.model_ref, "params": params_ref})
-            start += n
-        self.timing["encode_s"] += time.perf_counter() - t0
+        """One forward per parameter set in the batch (a batch mixes devices)."""
+        out: list[dict | None] = [None] * len(requests)
+        by_set: dict[int, list[int]] = {}
+        for i, (_, param_set) in enumerate(requests):
+            by_set.setdefault(id(param_set), []).append(i)
+        for members in by_set.values():
+            param_set = requests[members[0]][1]
+            xs = [requests[i][0] for i in members]
+            x = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2).float().div_(255)
+            # (read once: the poller may swap the set's version between two groups, never within one)
+            params, params_ref = (param_set.params, param_set.ref) if param_set else (self.base_affine, None)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                self._apply(params)
+                probs = torch.softmax(self.model(x), dim=1)
+            self.timing["forward_s"] += time.perf_counter() - t0
+            self.timing["batches"] += 1
+            self.timing["images"] += len(x)
+            t0 = time.perf_counter()
+            predictions = encode_predictions(probs, self.class_names)
+            start = 0
+            for i, xi in zip(members, xs):
+                out[i] = {"predictions": predictions[start:start + len(xi)], "model": self.model_ref,
+                          "params": params_ref}
+                start += len(xi)
+            self.timing["encode_s"] += time.perf_counter() - t0
         return out
 
     def _ready(self) -> None:
@@ -333,7 +389,7 @@ class EdgeModelServer:
               responses=ERRORS)
     async def predict(self, request: Request) -> dict:
         """Top-k predictions for the body's images, by the model on the named device's or group's
-        newest parameters (header ``serve_multiplexed_model_id``; none: the base model)."""
+        newest parameters (header ``X-Device-Id`` or ``serve_multiplexed_model_id``; none: the base model)."""
         self._ready()
         self._check_key(request)
         # A JSONResponse skips FastAPI's re-validation of every probability (the schema is for the docs).
@@ -351,7 +407,8 @@ class EdgeModelServer:
                            int(self.config["max_images_per_request"]))
         self.timing["decode_s"] += time.perf_counter() - t0
         self.timing["requests"] += 1
-        device_id = serve.get_multiplexed_model_id()
+        device_id = (request.headers.get("x-device-id") or request.headers.get(MULTIPLEX_HEADER)
+                     or request.headers.get(MULTIPLEX_HEADER.replace("_", "-")))
         param_set = None
         if device_id:
             if not DEVICE_ID.match(device_id):

@@ -57,7 +57,10 @@ def fleet_node_loss(out: Path) -> dict:
     summary = cema.main(["--devices", "8", "--hosts", "2", "--batches-per-device", "8", "--pool-size", "128",
                          "--batch-size", "32", "--corruptions", "fog,contrast", "--run-name", "mn",
                          "--output-dir", str(out / "run"), "--storage", str(out / "store"),
-                         "--adapter-resources", "head", "--no-plot"])
+                         "--adapter-resources", "head", "--no-plot",
+                         # hosts run their streams free: pace the devices (a batch per second) so the
+                         # node is lost mid-stream, not after the hosts finished
+                         "--device-interval-s", "1.0"])
     thread.join(timeout=5)
     m = summary["metrics"]
     ray.shutdown()

@@ -147,6 +147,48 @@ def test_upload_stats_momentum_averages_the_uploaded_device_statistics(model):
         CloudAdapter(model, model, cfg_with("cema", cloud={"upload_stats_momentum": 0.0}))
 
 
+def test_sample_stats_distils_each_sample_under_its_own_uploads_statistics(model):
+    """cloud.sample_stats="own": replayed samples are normalized with the statistics of the upload
+    they came in with (not the newest upload's), the statistics bank holds only what the buffer still
+    refers to, and "newest" normalizes like TBR (same forward values, fixed-statistics gradients)."""
+    from tdmr_ray.cema.norm import set_sample_stats, test_time_bn_modules
+
+    filt = {"redundancy": False, "low_info": False, "unreliable": False}
+    cfg = cfg_with("cema", edge={"stats_source": "upload"}, cloud=small(sample_stats="own", replay_capacity=24),
+                   filter=filt)
+    edge = EdgeRunner(model, cfg)
+    cloud = CloudAdapter(model, model, cfg)
+    seen = []
+    layer = next(iter(test_time_bn_modules(cloud.edge).values()))
+    layer.register_forward_pre_hook(lambda m, a: seen.append(None if m.sample_stats is None else m.sample_stats[0]))
+    uploads = [edge.infer(edge.new_device("d"), images(8, i, shift=30.0 * i)).upload for i in range(6)]
+    for up in uploads:
+        cloud.process(up)
+    ks = cloud.keys["d"]
+    assert len(ks.replay) == 24 and set(ks.bank.stats) == set(ks.replay_ids.unique().tolist())  # pruned
+    means = seen[-1]  # the last distillation step: new batch + replayed samples, each with its upload's mean
+    assert means is not None and len(means) > cloud.cfg.cloud.batch_size
+    key = "backbone.bn1.running_mean"
+    firsts = {round(float(u.stats[key][0]), 4) for u in uploads[-3:]}
+    assert {round(float(v), 4) for v in means[:, 0]} <= firsts and len({round(float(v), 4) for v in means[:, 0]}) > 1
+    # "newest": per-sample normalization with the newest statistics gives TBR's forward values
+    x = torch.rand(4, 3, 32, 32)
+    bn_layers = list(test_time_bn_modules(cloud.edge))
+    with torch.no_grad():
+        cloud.edge.eval()
+        set_sample_stats(cloud.edge, None)
+        from tdmr_ray.cema.norm import load_tbr_stats, set_norm_mode
+        load_tbr_stats(cloud.edge, ks.edge.stats)
+        set_norm_mode(cloud.edge, "tbr")
+        reference = cloud.edge(x)
+        set_sample_stats(cloud.edge, ks.bank.gather(torch.full((4,), -1), ks.edge.stats, bn_layers))
+        per_sample = cloud.edge(x)
+        set_sample_stats(cloud.edge, None)
+    assert torch.allclose(reference, per_sample, atol=1e-4)
+    with pytest.raises(ValueError, match="sample_stats"):
+        CloudAdapter(model, model, cfg_with("cema", cloud={"sample_stats": "own"}))  # needs device statistics
+
+
 def test_shift_detector_fires_on_a_statistics_jump_and_not_within_a_domain():
     cfg = CEMAConfig().shift
     state = ShiftState()

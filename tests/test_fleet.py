@@ -42,7 +42,7 @@ def check_books(summary, tmp_path, name, devices=12, batches=4, batch=32, restar
 def test_fleet_end_to_end(ray_session, tmp_path):
     from tdmr_ray.registry import Registry
 
-    summary = run_cema(tmp_path, "e2e")
+    summary = run_cema(tmp_path, "e2e", "--progress-interval-s", "0.2")
     m = check_books(summary, tmp_path, "e2e")
     assert m["host"]["acked"] > 0
     control = sum(1 for d in range(12) if is_control(device_id(d), 0.1, 0))
@@ -51,6 +51,10 @@ def test_fleet_end_to_end(ray_session, tmp_path):
     assert m["adapter"]["published"] > 0 and m["apply_latency_s"]["n"] > 0
     assert set(m["accuracy_by_group"]) == {"gaussian_noise", "fog"}
     assert (tmp_path / "e2e" / "fleet.png").stat().st_size > 0
+    # progress comes from the hosts' posts to the progress actor: the last point holds every sample
+    assert len(m["series"]) >= 2 and m["series"][-1]["seen"] == m["samples"]  # lines while the hosts ran
+    assert all(a["seen"] < b["seen"] for a, b in zip(m["series"], m["series"][1:]))
+    assert m["series"][-1]["accuracy"] == pytest.approx(m["accuracy"], abs=1e-4)
     written = json.loads((tmp_path / "e2e" / "summary.json").read_text())
     assert written["config"]["devices"] == 12
     registry = Registry.for_storage(str(tmp_path / "store"))

@@ -45,7 +45,8 @@ def ray_start_cluster(ray_session):
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
          f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"],
-        env=env, stdout=open(tmp / "ray-start.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        # (started outside the checkout, as on any other node: nothing is importable from the cwd)
+        env=env, cwd=tmp, stdout=open(tmp / "ray-start.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     from ray.job_submission import JobSubmissionClient
@@ -148,3 +149,40 @@ def test_job_submit_without_the_token_mode_is_refused(ray_start_cluster, monkeyp
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     proc = subprocess.run([RAY, "job", "list", "--address", address], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "token" in (proc.stdout + proc.stderr).lower()
+
+
+def test_serve_deploy_cli_serves_the_app_over_http(ray_start_cluster, tmp_path):
+    """``serve deploy serve/config.yaml`` as README shows it (token mode exported), on the cluster:
+    the app must import on the cluster's workers (the ``serve`` package is installed with the
+    project), load the registry's model and answer with a device's parameter set."""
+    import requests
+
+    from serve.client import free_port, wait_healthy
+    from serve.codec import encode_array
+    from tdmr_ray.models import create_model, get_norm_affine
+    from tdmr_ray.registry import Registry
+
+    address, _ = ray_start_cluster
+    registry = Registry(str(tmp_path / "registry"))
+    model = create_model("resnet20", pretrained=True).eval()
+    base = registry.publish_model("deploy-edge", model)
+    registry.publish_edge_params("edge-deploy-fog", get_norm_affine(model), base=base.ref)
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    user = config["applications"][0]["deployments"][0]["user_config"]
+    user.update(registry=str(tmp_path / "registry"), model="deploy-edge", params_prefix="edge-deploy-")
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    proc = subprocess.run([serve_cli, "deploy", str(tmp_path / "serve.yaml"), "--address", address],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, timeout=240)
+        x = np.zeros((2, 32, 32, 3), np.uint8)
+        r = requests.post(f"{url}/predict", json=encode_array(x), headers={"X-Device-Id": "fog"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "deploy-edge@v1" and r.json()["params"] == "edge-deploy-fog@v1"
+    finally:
+        subprocess.run([serve_cli, "shutdown", "-y", "--address", address], capture_output=True, timeout=120)

@@ -1,5 +1,6 @@
 """A real Serve instance on loopback, real HTTP requests: predictions, bad input, version updates."""
 import base64
+import copy
 import io
 import time
 
@@ -123,6 +124,39 @@ def test_device_params_and_hot_update(server, clean_subset):
     assert base["params"] is None and base["predictions"] == before  # other ids unaffected
     models = requests.get(f"{url}/models", timeout=30).json()
     assert models["model"] == "resnet20-cifar10@v1" and models["loaded_params"]["dev-1"] == "edge-dev-1@v2"
+
+
+def test_concurrent_requests_of_many_devices_each_get_their_own_parameters(server, clean_subset):
+    """Parameter sets live in a dict on the replica, so one batch can mix devices: each request must
+    still be answered under its own device's set (X-Device-Id, no multiplexed routing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tdmr_ray.models import set_norm_affine
+
+    url, registry, model = server
+    plain = get_norm_affine(model)
+    broken = {k: (torch.zeros_like(v) if k.endswith("bn1.weight") else v) for k, v in plain.items()}
+    registry.publish_edge_params("edge-mix-a", plain, base="resnet20-cifar10@v1")
+    registry.publish_edge_params("edge-mix-b", broken, base="resnet20-cifar10@v1")
+    x = clean_subset.x[:4]
+    expected = {}
+    for dev, params in (("mix-a", plain), ("mix-b", broken)):
+        local = copy.deepcopy(model)
+        set_norm_affine(local, params)
+        with torch.inference_mode():
+            expected[dev] = local(clean_subset.tensors(slice(0, 4))[0]).argmax(1).tolist()
+    assert expected["mix-a"] != expected["mix-b"]
+
+    def ask(dev: str) -> tuple[str, dict]:
+        r = requests.post(f"{url}/predict", json=encode_array(x), headers={"X-Device-Id": dev}, timeout=30)
+        assert r.status_code == 200, r.text
+        return dev, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, ["mix-a", "mix-b"] * 16))
+    for dev, body in answers:
+        assert body["params"] == f"edge-{dev}@v1"
+        assert [p["class"] for p in body["predictions"]] == expected[dev], dev
 
 
 def test_parameters_for_another_model_are_refused(server, clean_subset):

@@ -31,7 +31,9 @@ from . import state_io as sio
 from .config import CEMAConfig, check_config
 from .losses import distillation_loss, weighted_entropy_loss
 from .messages import UpdateMessage, UploadMessage, validate_upload
-from .norm import check_tbr_stats, convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode
+from .norm import (check_tbr_stats, convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode,
+                   set_sample_stats, test_time_bn_modules)
+from .sample_stats import StatsBank
 from .sgd import sgd_momentum_step
 
 
@@ -70,6 +72,10 @@ class KeyState:
     last_reset_step: int = 0
     # device id -> the newest shift_epoch it uploaded with (ShiftConfig)
     device_epochs: dict[str, int] = field(default_factory=dict)
+    # cloud.sample_stats only: the statistics id of each replay / pending sample (None: all unknown)
+    replay_ids: torch.Tensor | None = None
+    pending_ids: torch.Tensor | None = None
+    bank: StatsBank = field(default_factory=StatsBank)
 
     COUNTERS = ("version", "steps", "replay_only_steps", "samples_received", "shift_resets", "last_reset_step")
 
@@ -92,6 +98,8 @@ class CloudAdapter:
         self.e_max = e_max_frac * math.log(self.num_classes)
         self.send_stats = cfg.edge.stats_source == "cloud"
         self.device_stats = cfg.edge.stats_source == "upload"  # the edge copy runs on the uploader's statistics
+        self.sample_stats = cfg.cloud.sample_stats  # "" | "own" | "newest" (tdmr_ray.cema.sample_stats)
+        self._norm_layers = list(test_time_bn_modules(self.edge))
         self._stats_reference = read_tbr_stats(self.edge)  # keys and shapes uploads must match
         self._f_params = norm_affine_parameters(self.foundation)
         self._e_params = norm_affine_parameters(self.edge)
@@ -131,15 +139,26 @@ class CloudAdapter:
         ks.samples_received += len(new)
         # As the reference: uploads enter the replay buffer when they arrive.
         capacity = self.cfg.cloud.replay_capacity
+        if self.sample_stats:
+            sid = ks.bank.add({k: v.to(self.device, copy=True) for k, v in upload.stats.items()}) \
+                if upload.stats is not None else -1
+            new_ids = torch.full((len(new),), sid)
+            if capacity > 0:
+                ks.replay_ids = torch.cat([_ids(ks.replay_ids, len(ks.replay)), new_ids])[-capacity:]
+            ks.pending_ids = torch.cat([_ids(ks.pending_ids, len(ks.pending)), new_ids])
         if capacity > 0:  # (a [-0:] slice would keep everything)
             ks.replay = torch.cat([ks.replay, new])[-capacity:]
         ks.pending = torch.cat([ks.pending, new])
         stepped = False
         batch = self.cfg.cloud.batch_size
         while len(ks.pending) >= batch:
-            self._step(ks, ks.pending[:batch])
+            self._step(ks, ks.pending[:batch], None if ks.pending_ids is None else ks.pending_ids[:batch])
             ks.pending = ks.pending[batch:]
+            if ks.pending_ids is not None:
+                ks.pending_ids = ks.pending_ids[batch:]
             stepped = True
+        if self.sample_stats:
+            ks.bank.prune(_ids(ks.replay_ids, len(ks.replay)), _ids(ks.pending_ids, len(ks.pending)))
         if not stepped and replay_only and self.cfg.cloud.replay_only_steps and len(ks.replay) > self.cfg.cloud.replay_min:
             self._step(ks, None)
             stepped = True
@@ -228,6 +247,7 @@ class CloudAdapter:
         parts = self.cfg.shift.reset
         if "replay" in parts:
             ks.replay, ks.pending = ks.replay[:0], ks.pending[:0]
+            ks.replay_ids = ks.pending_ids = None
         if "foundation_stats" in parts:
             ks.foundation.stats = None
         if "foundation_affine" in parts:
@@ -244,12 +264,14 @@ class CloudAdapter:
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         return images.permute(0, 3, 1, 2).float().div_(255)
 
-    def _sample_replay(self, ks: KeyState, n: int) -> torch.Tensor:
+    def _sample_replay(self, ks: KeyState, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` replayed samples and their statistics ids."""
         idx = torch.randperm(len(ks.replay), generator=self.generator)[:n].to(self.device)
-        return ks.replay[idx]
+        return ks.replay[idx], _ids(ks.replay_ids, len(ks.replay))[idx.cpu()]
 
-    def _step(self, ks: KeyState, new: torch.Tensor | None) -> None:
-        """One cloud step on ``new`` (a full batch) or, with None, on replayed samples only."""
+    def _step(self, ks: KeyState, new: torch.Tensor | None, new_ids: torch.Tensor | None = None) -> None:
+        """One cloud step on ``new`` (a full batch; ``new_ids``: its statistics ids) or, with None, on
+        replayed samples only."""
         c = self.cfg.cloud
         _load(self.foundation, self._f_params, ks.foundation)
         _load(self.edge, self._e_params, ks.edge)
@@ -265,9 +287,15 @@ class CloudAdapter:
                 with torch.no_grad():
                     self.foundation(x_new)
             n_replay = c.replay_ratio * len(new) if len(ks.replay) >= c.replay_min else 0
-            x = torch.cat([x_new, self._to_input(self._sample_replay(ks, n_replay))]) if n_replay else x_new
+            ids = _ids(new_ids, len(new))
+            if n_replay:
+                replayed, replayed_ids = self._sample_replay(ks, n_replay)
+                x, ids = torch.cat([x_new, self._to_input(replayed)]), torch.cat([ids, replayed_ids])
+            else:
+                x = x_new
         else:
-            x = self._to_input(self._sample_replay(ks, c.replay_only_multiple * c.batch_size))
+            replayed, ids = self._sample_replay(ks, c.replay_only_multiple * c.batch_size)
+            x = self._to_input(replayed)
             ks.replay_only_steps += 1
         # Step 2: distil into the edge copy (foundation statistics frozen, edge statistics move).
         set_norm_mode(self.foundation, "tbr", update_stats=False)
@@ -276,7 +304,14 @@ class CloudAdapter:
         # (With device statistics the edge copy normalizes exactly as the uploader does.)
         set_norm_mode(self.edge, "tbr", update_stats=not self.device_stats, momentum=c.tbr_momentum,
                       total_var=c.tbr_total_var)
-        terms = distillation_loss(self.edge(x), teacher, self.e_max, c.alpha, c.beta, c.gamma, c.temperature)
+        if self.sample_stats and ks.edge.stats is not None:
+            ids = ids if self.sample_stats == "own" else torch.full_like(ids, -1)
+            set_sample_stats(self.edge, ks.bank.gather(ids, ks.edge.stats, self._norm_layers))
+        try:
+            logits = self.edge(x)
+        finally:
+            set_sample_stats(self.edge, None)
+        terms = distillation_loss(logits, teacher, self.e_max, c.alpha, c.beta, c.gamma, c.temperature)
         _sgd(self._e_params, terms.total, ks.edge.momentum, c.edge_lr, c.momentum)
         if c.source_pull:
             _pull(self._f_params, self._f_init, c.source_pull)
@@ -285,6 +320,11 @@ class CloudAdapter:
         _read_back(self.edge, self._e_params, ks.edge)
         ks.steps += 1
         ks.version += 1
+
+
+def _ids(ids: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Statistics ids of ``n`` samples (all -1, unknown, where none were kept)."""
+    return ids if ids is not None else torch.full((n,), -1, dtype=torch.long)
 
 
 def _num_classes(model: nn.Module, image_shape, device) -> int:

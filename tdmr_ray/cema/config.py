@@ -155,6 +155,11 @@ class CloudConfig:
     # parameters, p <- (1 - source_pull) * p + source_pull * p_source (ROID's weight ensembling
     # uses 0.01). 0: off, the reference.
     source_pull: float = 0.0
+    # Beyond the paper, a diagnostic (tdmr_ray.cema.sample_stats), with edge.stats_source="upload": "own"
+    # distils every sample under the statistics of the upload it came in with (replayed ones too),
+    # "newest" under the newest upload's through the same per-sample normalization; "" (default): TBR
+    # under the newest upload's statistics.
+    sample_stats: str = ""
 
 
 # The state a detected shift can reset (ShiftConfig.reset).
@@ -221,6 +226,10 @@ def check_config(cfg: "CEMAConfig") -> None:
     unknown = sorted(set(cfg.shift.reset) - set(SHIFT_PARTS))
     if unknown:
         raise ValueError(f"shift.reset: unknown parts {unknown}; choose from {list(SHIFT_PARTS)}")
+    if cfg.cloud.sample_stats not in ("", "own", "newest"):
+        raise ValueError(f"cloud.sample_stats must be '', 'own' or 'newest', got {cfg.cloud.sample_stats!r}")
+    if cfg.cloud.sample_stats and cfg.edge.stats_source != "upload":
+        raise ValueError("cloud.sample_stats needs edge.stats_source='upload' (the uploads carry the statistics)")
     if not 0.0 < cfg.cloud.upload_stats_momentum <= 1.0:
         raise ValueError(f"cloud.upload_stats_momentum must be in (0, 1], got {cfg.cloud.upload_stats_momentum}")
     if not 0.0 <= cfg.cloud.source_pull < 1.0:

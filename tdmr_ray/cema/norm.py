@@ -49,6 +49,9 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
         self.total_var = False
         # Mirrors num_batches_tracked > 0 without a device sync per forward; load_tbr_stats sets it.
         self.stats_started = False
+        # (mean, var), each (N, C): normalize sample i with its own statistics instead (the cloud's
+        # cloud.sample_stats diagnostic, tdmr_ray.cema.sample_stats); None: off.
+        self.sample_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "TestTimeBatchNorm2d":
@@ -94,6 +97,10 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
                                 self.weight, self.bias, False, 0.0, self.eps)
         if self.mode != "tbr":
             raise ValueError(f"unknown normalization mode {self.mode!r}; expected one of {NORM_MODES}")
+        if self.sample_stats is not None:
+            mean, var = self.sample_stats
+            scale = torch.rsqrt(var + self.eps) * self.weight
+            return x * scale[:, :, None, None] + (self.bias - mean * scale)[:, :, None, None]
         grad = torch.is_grad_enabled()
         if not grad and not self.training and self.stats_started:  # nothing to learn or update
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
@@ -167,6 +174,12 @@ def set_norm_mode(model: nn.Module, mode: str, update_stats: bool = False, mix_w
         m.cumulative = cumulative
         m.total_var = total_var
         m.train(update_stats)
+
+
+def set_sample_stats(model: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    """Per-sample statistics (layer name -> (mean, var), each (N, C)) for the next forward, or None."""
+    for n, m in test_time_bn_modules(model).items():
+        m.sample_stats = None if stats is None else stats[n]
 
 
 def read_tbr_stats(model: nn.Module) -> dict[str, torch.Tensor]:

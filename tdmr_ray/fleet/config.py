@@ -62,7 +62,8 @@ class FleetConfig(CommonConfig):
     min_upload: int = 8  # a device sends no fewer samples than this (or all it has): no tiny messages
     burst_s: float = 2.0  # a host's token bucket holds at most this many seconds of a key's rate
     checkpoint_every_s: float = 20.0  # adapter state -> registry; uploads in between are in the log
-    round_batches: int = 1  # batches per device between two progress lines / host checkpoints
+    round_batches: int = 1  # batches per device between two host checkpoints
+    progress_interval_s: float = 5.0  # hosts post running totals, the driver prints a progress line, this often
     plot: bool = True
     cema: CEMAConfig = field(default_factory=fleet_cema_config)
 

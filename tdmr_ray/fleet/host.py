@@ -8,15 +8,15 @@ answer; at most ``max_in_flight`` uploads per host are unanswered, further ones 
 (counted).
 
 Budget: every ``poll_interval_s`` the host reads each shard's version board
-(:meth:`CloudAdapterActor.poll`): new parameter versions for its keys, offered to the keys'
-treatment devices, and the upload rate per key the shard can process. The host spends that rate
+(:meth:`CloudAdapterActor.poll`): the newest parameter version per key, which each of the key's
+treatment devices takes before its next batch, and the upload rate per key the shard can process. The host spends that rate
 (split over the hosts) as a token bucket per key: a device sends its lowest-entropy candidates
 (the most reliable, as CEMA's filter ranks them) within the budget and keeps the rest ("unsent",
 counted), so bandwidth goes only to samples the cloud will use.
 
-After every round the host checkpoints all device states to ``hosts/host-<i>.safetensors`` in the
+After every ``round_batches`` batches per device the host checkpoints all device states to ``hosts/host-<i>.safetensors`` in the
 run's store on the job's storage (local or S3, so a host restarted on another node finds it); a
-restarted host (Ray restarts the actor and retries the round) resumes from there.
+restarted host (Ray restarts the actor and retries its call) resumes from there.
 """
 from __future__ import annotations
 
@@ -49,9 +49,10 @@ def lowest_entropy(upload: UploadMessage, n: int) -> UploadMessage:
 
 class DeviceHost:
     def __init__(self, cfg, host_index: int, device_indices: list[int], pools: dict, adapters: list,
-                 run_uri: str, n_hosts: int = 1):
+                 run_uri: str, n_hosts: int = 1, progress=None):
         torch.set_num_threads(1)
         self.cfg, self.index, self.adapters, self.n_hosts = cfg, host_index, adapters, n_hosts
+        self.progress, self.posted_at = progress, 0.0  # a FleetProgress actor (None: no progress posts)
         self.pools = pools  # corruption -> (images, labels), shared read-only via the object store
         self.runner = make_edge_runner(cfg.method, resolve_model(cfg.edge, cfg.storage),
                                        method_config(cfg.method, cfg.cema))
@@ -64,10 +65,9 @@ class DeviceHost:
         for k in self.keys:
             self.keys_by_shard[self.shard[k]].append(k)
         self.control = {d: streams.is_control(d, cfg.control_fraction, cfg.seed) for d in self.devices}
-        self.treated: dict[str, list[str]] = defaultdict(list)  # key -> its devices that apply updates
-        for d in self.devices:
-            if not self.control[d]:
-                self.treated[self.key[d]].append(d)
+        # key -> the newest update the shard's board offered; a treatment device takes it before its next
+        # batch (one offer per device batch, not one per device per version: O(1) in the fleet's size)
+        self.newest_update: dict[str, UpdateMessage] = {}
         self.streams = {d: DeviceStream(d, len(pools[g][1]), cfg.batch_size, cfg.seed) for d, g in self.group.items()}
         self.state = {d: self.runner.new_device(d) for d in self.devices}
         self.position = dict.fromkeys(self.devices, 0)
@@ -94,13 +94,18 @@ class DeviceHost:
 
     # -- the simulation ---------------------------------------------------------------------
     def run_round(self, n_batches: int) -> dict:
-        """Every unfinished device runs up to ``n_batches`` batches; returns this round's numbers."""
+        """Every unfinished device runs up to ``n_batches`` batches, the host checkpointing after every
+        ``round_batches`` of them and posting its running totals to the progress actor every
+        ``progress_interval_s``; returns this call's numbers. (The driver gives each host its whole
+        stream in one call: hosts run free, no barrier between them.)"""
         start = time.perf_counter()
         seen0 = sum(s.accounting.seen for s in self.state.values())
         up0 = sum(s.accounting.uploaded for s in self.state.values())
         correct0 = sum(self.correct.values())
         arms0 = self._arms()
-        for _ in range(n_batches):
+        # (a host Ray restarted and retried from its checkpoint runs only the sweeps still missing)
+        sweeps = max(0, min(n_batches, self.cfg.batches_per_device - min(self.position.values(), default=0)))
+        for sweep_index in range(sweeps):
             sweep = time.monotonic()
             for j, d in enumerate(self.devices):
                 # device_interval_s: each device runs a batch that often (a camera's pace), spread evenly
@@ -112,15 +117,37 @@ class DeviceHost:
                     self._poll()
                 if self.position[d] < self.cfg.batches_per_device:
                     self._device_batch(d)
+                if time.monotonic() - self.posted_at >= self.cfg.progress_interval_s:
+                    self._post_progress()
             self._collect(block=False)
-        self._checkpoint()
-        release_freed_memory()
+            if (sweep_index + 1) % self.cfg.round_batches == 0 or sweep_index + 1 == sweeps:
+                self._checkpoint()
+                release_freed_memory()
+        self._post_progress(wait=True)  # (the driver reads the totals once this call returns)
         return {"host": self.index, "seconds": time.perf_counter() - start,
                 "seen": sum(s.accounting.seen for s in self.state.values()) - seen0,
                 "uploaded": sum(s.accounting.uploaded for s in self.state.values()) - up0,
                 "correct": sum(self.correct.values()) - correct0,
                 "arms": {arm: [a - b for a, b in zip(now, arms0[arm])] for arm, now in self._arms().items()},
                 "done": all(p >= self.cfg.batches_per_device for p in self.position.values())}
+
+    def totals(self) -> dict:
+        """Running totals of this host's devices (cumulative, so a lost or repeated post is harmless)."""
+        return {"seen": sum(s.accounting.seen for s in self.state.values()),
+                "uploaded": sum(s.accounting.uploaded for s in self.state.values()),
+                "correct": sum(self.correct.values()), "arms": self._arms(),
+                "done": all(p >= self.cfg.batches_per_device for p in self.position.values())}
+
+    def _post_progress(self, wait: bool = False) -> None:
+        self.posted_at = time.monotonic()
+        if self.progress is None:
+            return
+        ref = self.progress.post.remote(self.index, self.totals())  # fire and forget, except the last
+        if wait:
+            try:
+                ray.get(ref, timeout=30)
+            except (ray.exceptions.RayError, TimeoutError):  # progress lines are not worth failing the run
+                pass
 
     def _arms(self) -> dict[str, list[int]]:
         """(seen, correct) of the treatment and the control devices."""
@@ -135,6 +162,9 @@ class DeviceHost:
         state, b = self.state[d], self.position[d]
         images, labels = self.pools[self.group[d]]
         idx = self.streams[d].indices(b)
+        update = self.newest_update.get(self.key[d])
+        if update is not None and not self.control[d] and update.version > state.version:
+            state.offer(update)  # (validated per device: ~0.3 ms against a batch's ~50 ms forward)
         before = state.version
         result = self.runner.infer(state, images[idx])
         offered, sent_at = self.trigger_sent_at.get(self.key[d], (0, 0.0))
@@ -210,9 +240,7 @@ class DeviceHost:
                     continue
                 self.key_version[key] = version
                 self.trigger_sent_at[key] = (version, sent_at)
-                update = UpdateMessage(key, version, params)
-                for d in self.treated[key]:
-                    self.state[d].offer(update)
+                self.newest_update[key] = UpdateMessage(key, version, params)
 
     # -- reporting and checkpoints -------------------------------------------------------------
     def finish(self) -> dict:

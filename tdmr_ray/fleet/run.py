@@ -1,4 +1,4 @@
-"""The fleet driver: pools, one cloud adapter actor, device-host actors, rounds, summary and plot."""
+"""The fleet driver: pools, adapter shards, free-running device hosts, progress, summary and plot."""
 from __future__ import annotations
 
 import time
@@ -15,6 +15,7 @@ from ..storage import RunStore, join, resolve_storage
 from .adapter import CloudAdapterActor
 from .config import FleetConfig
 from .host import DeviceHost
+from .progress import FleetProgress
 from .streams import build_pool
 
 
@@ -30,6 +31,8 @@ def check_config(cfg: FleetConfig) -> None:
         raise ValueError(f"unknown corruptions {bad}; known: clean, {', '.join(CORRUPTIONS)}")
     if not 0 <= cfg.control_fraction < 1:
         raise ValueError(f"control_fraction must be in [0, 1), got {cfg.control_fraction}")
+    if cfg.progress_interval_s <= 0:
+        raise ValueError(f"progress_interval_s must be positive, got {cfg.progress_interval_s}")
     for name in ("devices", "batches_per_device", "batch_size", "pool_size", "round_batches", "max_in_flight",
                  "adapters", "adapter_coalesce", "min_upload"):
         if getattr(cfg, name) < 1:
@@ -105,39 +108,26 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
             for i in range(cfg.adapters)]
     n_hosts = cfg.hosts or max(1, int(cpus - (adapter_cpus * cfg.adapters if uploads else 0)))
     n_hosts = min(n_hosts, cfg.devices)
+    # (no CPU: it only sums the hosts' posts)
+    progress = ray.remote(FleetProgress).options(num_cpus=0, max_restarts=-1, name=actor_name(cfg, run, "progress")
+                                                 ).remote(n_hosts)  # (restarted empty: the next posts refill it)
     host_cls = ray.remote(DeviceHost)
     hosts = [host_cls.options(num_cpus=1, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD",
                               name=actor_name(cfg, run, f"host-{i}"))
-             .remote(cfg, i, part.tolist(), pools_ref, adapters, run_uri, n_hosts)
+             .remote(cfg, i, part.tolist(), pools_ref, adapters, run_uri, n_hosts, progress)
              for i, part in enumerate(np.array_split(np.arange(cfg.devices), n_hosts))]
     ray.get([h.ready.remote() for h in hosts] + [a.stats.remote() for a in adapters])
     print(f"[cema] {cfg.devices} devices on {n_hosts} host actor(s), {len(adapters)} adapter shard(s), method {cfg.method}, "
           f"groups {cfg.corruptions} (severity {cfg.severity}), key_by {cfg.key_by}", flush=True)
-    series, seen, correct, uploaded, start = [], 0, 0, 0, time.monotonic()
-    arms = {"treatment": [0, 0], "control": [0, 0]}
+    series, start, last = [], time.monotonic(), {"seen": 0, "correct": 0}
     with run.phase("stream"):
-        done = False
-        while not done:
-            results = ray.get([h.run_round.remote(cfg.round_batches) for h in hosts])
-            seen += sum(r["seen"] for r in results)
-            correct += sum(r["correct"] for r in results)
-            uploaded += sum(r["uploaded"] for r in results)
-            for r in results:
-                for arm, (n, c) in r["arms"].items():
-                    arms[arm][0] += n
-                    arms[arm][1] += c
-            t_acc, c_acc = (arms[a][1] / arms[a][0] if arms[a][0] else None for a in ("treatment", "control"))
-            elapsed = time.monotonic() - start
-            queue = sum(a["queued_samples"] for a in ray.get([a.stats.remote() for a in adapters]))
-            series.append({"t": round(elapsed, 3), "seen": seen, "accuracy": correct / max(seen, 1),
-                           "upload_fraction": uploaded / max(seen, 1),
-                           "round_accuracy": sum(r["correct"] for r in results) / max(sum(r["seen"] for r in results), 1),
-                           "treatment_accuracy": t_acc, "control_accuracy": c_acc})
-            lift_text = f"  lift {100 * (t_acc - c_acc):+.1f} pts vs control" if t_acc is not None and c_acc is not None else ""
-            print(f"[cema] {elapsed:6.1f}s devices {cfg.devices}  seen {seen}  {seen / elapsed:.0f} samples/s  "
-                  f"upload {uploaded / max(seen, 1):.1%}  accuracy {correct / max(seen, 1):.1%}  "
-                  f"adapter queue {queue}{lift_text}", flush=True)
-            done = all(r["done"] for r in results)
+        # Each host runs its whole stream in one call (checkpointing as it goes); the driver only
+        # reads the hosts' posted totals every progress_interval_s and reports them.
+        running = [h.run_round.remote(cfg.batches_per_device) for h in hosts]
+        while running:
+            ready, running = ray.wait(running, num_returns=len(running), timeout=cfg.progress_interval_s)
+            ray.get(ready)  # a host's error (one Ray does not retry) ends the run here, not silently
+            last = report_progress(cfg, progress, adapters, series, start, last)
         stream_s = time.monotonic() - start
         finals = ray.get([h.finish.remote() for h in hosts])
     with run.phase("drain"):
@@ -149,9 +139,38 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
         plot(series, Path(run.output_dir) / "fleet.png", cfg)
     for h in hosts:
         ray.kill(h)
+    ray.kill(progress)
     for a in adapters:
         ray.kill(a)
     return metrics, f"edge-{cfg.run_name}-"
+
+
+def report_progress(cfg: FleetConfig, progress, adapters: list, series: list[dict], start: float,
+                    last: dict) -> dict:
+    """Append the fleet's posted totals to ``series`` and print a progress line; returns the totals."""
+    try:
+        now = ray.get(progress.totals.remote(), timeout=10)
+    except (ray.exceptions.RayError, TimeoutError):  # the progress actor restarting: report next time
+        return last
+    if now["seen"] <= last["seen"]:
+        return last  # nothing new since the previous line (or a restarted actor still refilling)
+    arms = now["arms"]
+    t_acc, c_acc = (arms[a][1] / arms[a][0] if arms[a][0] else None for a in ("treatment", "control"))
+    elapsed = time.monotonic() - start
+    try:
+        queue = sum(a["queued_samples"] for a in ray.get([a.stats.remote() for a in adapters], timeout=10))
+    except (ray.exceptions.RayError, TimeoutError):  # a shard restarting: report the rest
+        queue = "?"
+    seen, window = now["seen"], max(now["seen"] - last["seen"], 1)
+    series.append({"t": round(elapsed, 3), "seen": seen, "accuracy": now["correct"] / max(seen, 1),
+                   "upload_fraction": now["uploaded"] / max(seen, 1),
+                   "window_accuracy": (now["correct"] - last["correct"]) / window,
+                   "treatment_accuracy": t_acc, "control_accuracy": c_acc})
+    lift_text = f"  lift {100 * (t_acc - c_acc):+.1f} pts vs control" if t_acc is not None and c_acc is not None else ""
+    print(f"[cema] {elapsed:6.1f}s devices {cfg.devices}  seen {seen}/{cfg.devices * cfg.batches_per_device * cfg.batch_size}"
+          f"  {seen / max(elapsed, 1e-9):.0f} samples/s  upload {now['uploaded'] / max(seen, 1):.1%}  "
+          f"accuracy {now['correct'] / max(seen, 1):.1%}  adapter queue {queue}{lift_text}", flush=True)
+    return now
 
 
 def summarize(cfg: FleetConfig, finals: list[dict], shards: list[dict], stream_s: float, series: list[dict]) -> dict:
@@ -213,7 +232,7 @@ def plot(series: list[dict], path: Path, cfg: FleetConfig) -> None:
 
     t = [s["t"] for s in series]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(t, [100 * s["round_accuracy"] for s in series], label="accuracy (per round)")
+    ax.plot(t, [100 * s["window_accuracy"] for s in series], label="accuracy (since the previous point)")
     ax.plot(t, [100 * s["accuracy"] for s in series], label="accuracy (cumulative)")
     ax.plot(t, [100 * s["upload_fraction"] for s in series], label="upload fraction (cumulative)")
     if any(s.get("control_accuracy") is not None for s in series):

@@ -11,6 +11,7 @@ fleet and Serve can deploy it).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,17 @@ def train_loop(config: dict) -> None:
     if teacher is not None and "teacher" in saved:
         teacher.load_state_dict(saved["teacher"])
     wrap = (lambda m: DDP(m, find_unused_parameters=True)) if world > 1 else (lambda m: m)
+    clock = {"t": time.monotonic(), "step": start}
+
+    def images_per_s(step: int, images_per_step: int) -> float:
+        """All workers' training images per second since the previous report (the scaling bench reads it)."""
+        now = time.monotonic()
+        rate = images_per_step * (step - clock["step"]) / max(now - clock["t"], 1e-9)  # (global batches)
+        clock["step"] = step
+        return round(rate, 1)
+
+    def restart_clock() -> None:  # after a report: its checkpoint and validation are not training time
+        clock["t"] = time.monotonic()
 
     def checkpoint(extra: dict) -> dict:
         state = {"history": history, **extra}
@@ -134,12 +146,15 @@ def train_loop(config: dict) -> None:
                                     seed=mcfg.seed, rank=rank, world_size=world)
 
         def log_teacher(step: int, metrics: dict) -> None:
+            rate = images_per_s(step, tc.batch_size)  # (before the checkpoint and validation below)
             history.append({"phase": "teacher", "step": step, **metrics})
             state = checkpoint({"phase": "teacher" if step < tc.steps else "distill", "step": step % tc.steps,
                                 "teacher_opt": opt.state_dict(), "teacher_sched": sched.state_dict()})
             if val is not None:
                 metrics["accuracy"] = evaluate(teacher, val)["acc"]
-            report({"phase": "teacher", "step": step, **metrics, "world_size": world, "worker_nodes": nodes}, state)
+            report({"phase": "teacher", "step": step, **metrics, "world_size": world, "worker_nodes": nodes,
+                    "images_per_s": rate}, state)
+            restart_clock()
 
         run_phase(lambda s: reprogram_step(teacher, *batches.batch(s), opt, sched, tc.optim.grad_clip),
                   tc.steps, start_step=start, log_every=cfg.report_every, log=log_teacher)
@@ -156,6 +171,7 @@ def train_loop(config: dict) -> None:
         if "student_opt" in saved:
             opt.load_state_dict(saved["student_opt"])
             sched.load_state_dict(saved["student_sched"])
+        clock.update(t=time.monotonic(), step=start)
         model = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": True}) \
             if world > 1 else student
         batches = DownstreamBatches(labelled, dc.labelled_batch_size, unlabelled if teacher is not None else None,
@@ -167,13 +183,16 @@ def train_loop(config: dict) -> None:
                                 dc, sched)
 
         def log_distill(s: int, metrics: dict) -> None:
+            rate = images_per_s(s, dc.labelled_batch_size + (dc.unlabelled_batch_size if teacher is not None else 0))
             history.append({"phase": "distill", "step": s, **metrics})
             state = checkpoint({"phase": "distill" if s < dc.steps else "done", "step": s,
                                 "student": unwrap(model).state_dict(), "student_opt": opt.state_dict(),
                                 "student_sched": sched.state_dict()})
             if val is not None:
                 metrics["accuracy"] = evaluate(unwrap(model).target, val)["acc"]
-            report({"phase": "distill", "step": s, **metrics, "world_size": world, "worker_nodes": nodes}, state)
+            report({"phase": "distill", "step": s, **metrics, "world_size": world, "worker_nodes": nodes,
+                    "images_per_s": rate}, state)
+            restart_clock()
 
         run_phase(step, dc.steps, start_step=start, log_every=cfg.report_every, log=log_distill)
 
