@@ -177,7 +177,9 @@ def markdown(result: dict) -> str:
              "Training images/s of all workers together (median over report windows, the first dropped); "
              "global batch fixed (strong scaling); one torch thread per worker. "
              f"GDFQ: quick preset, {result['gdfq_epochs']} epochs of 20 steps, no warm-up; TDMR: quick preset, "
-             f"{result['tdmr_steps']} steps per phase. Command: `python bench/train_scaling.py`", "",
+             f"{result['tdmr_steps']} steps per phase. Ray Train rows: Ray Train keeps the metrics of the "
+             "checkpoints it retains (2), so they are the last report window (GDFQ: the last epoch; TDMR: the "
+             "distillation phase's last 20 steps). Command: `python bench/train_scaling.py`", "",
              "| job | phase | runner | images/s | ratio to 1 worker |", "|---|---|---|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['job']} | {r['phase']} | {r['runner']} | {r['images_per_s']} | "

@@ -45,7 +45,8 @@ def fleet_node_loss(out: Path) -> dict:
         while time.time() < deadline and not ckpt.exists():
             time.sleep(0.1)
         host = ray.get_actor("mn-run-host-0")
-        node_id = ray.get(host.node_id.remote())
+        # (from the GCS: the host is busy in its one long run_round call and would answer only at the end)
+        node_id = ray._private.state.actors(actor_id=host._actor_id.hex())["Address"]["NodeID"]
         for node in nodes:
             if node.node_id == node_id:
                 cluster.remove_node(node, allow_graceful=False)

@@ -224,3 +224,24 @@ def test_lift_is_treatment_minus_control_with_a_welch_interval():
     # seeded control draw: about the fraction, the same devices every time
     picks = [is_control(device_id(i), 0.1, 0) for i in range(1000)]
     assert 70 <= sum(picks) <= 130 and picks == [is_control(device_id(i), 0.1, 0) for i in range(1000)]
+
+
+def test_host_checkpoint_is_columns_whose_count_does_not_grow_with_devices():
+    """A host checkpoint stores one stacked tensor per state key (not one per device and key, whose
+    safetensors header overflowed at 10,000 devices) and reads back every device exactly."""
+    import torch
+    from safetensors.torch import load, save
+
+    from tdmr_ray.fleet.host import pack_columns, unpack_columns
+
+    def devices(n):
+        return [{"affine.w": torch.rand(16), "position": torch.tensor(i),
+                 **({"stats.mean": torch.rand(16)} if i % 3 else {}), "shift.mean": torch.rand(1 + i % 2)}
+                for i in range(n)]
+
+    small, large = pack_columns(devices(10)), pack_columns(devices(2000))
+    assert len({k for k in large if not k.startswith("dev.")}) == len({k for k in small if not k.startswith("dev.")}) == 6
+    original = devices(50)
+    back = unpack_columns(load(save(pack_columns(original))), 50)
+    for got, want in zip(back, original):
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -257,12 +257,13 @@ class DeviceHost:
 
     def _checkpoint(self) -> None:
         self._collect(block=True)  # no upload in flight: the saved counters are final (acks are quick)
-        flat = {}
-        for i, d in enumerate(self.devices):
-            for k, v in self.state[d].to_tensors().items():
-                flat[f"{i}.{k}"] = v
-            flat[f"{i}.position"] = torch.tensor(self.position[d])
-            flat[f"{i}.correct"] = torch.tensor(self.correct[d])
+        per_device = []
+        for d in self.devices:
+            entry = self.state[d].to_tensors()
+            entry["position"] = torch.tensor(self.position[d])
+            entry["correct"] = torch.tensor(self.correct[d])
+            per_device.append(entry)
+        flat = pack_columns(per_device)
         for k, v in self.counters.items():
             flat[f"counters.{k}"] = torch.tensor(v)
         for k, v in self.key_version.items():
@@ -274,15 +275,12 @@ class DeviceHost:
         if data is None:
             return False
         flat = load(data)
-        per_device = defaultdict(dict)
         for k, v in flat.items():
             head, _, rest = k.partition(".")
             if head == "counters":
                 self.counters[rest] = int(v)
-            elif head == "key_version":
-                pass  # not restored: updates offered but not yet applied were lost; offer the newest again
-            else:
-                per_device[int(head)][rest] = v
+            # key_version is not restored: updates offered but not yet applied were lost; offer the newest again
+        per_device = unpack_columns(flat, len(self.devices))
         for i, d in enumerate(self.devices):
             entry = per_device[i]
             self.position[d] = int(entry.pop("position"))
@@ -291,6 +289,38 @@ class DeviceHost:
             if self.state[d].device_id != d:
                 raise ValueError(f"{self.ckpt}: device {i} is {self.state[d].device_id}, expected {d}")
         return True
+
+
+def pack_columns(per_device: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-device tensors as columns: ``col.<key>`` stacks the key's tensor of every device that has
+    it (same shape and dtype), ``idx.<key>`` lists those devices. A safetensors header holds one entry
+    per tensor; one entry per device and key (~100 keys) overflowed it at 10,000 devices."""
+    columns: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for i, entry in enumerate(per_device):
+        for k, v in entry.items():
+            columns[k].append((i, v))
+    flat = {}
+    for k, items in columns.items():
+        if len({(tuple(v.shape), v.dtype) for _, v in items}) == 1:
+            flat[f"col.{k}"] = torch.stack([v for _, v in items])
+            flat[f"idx.{k}"] = torch.tensor([i for i, _ in items], dtype=torch.int64)
+        else:  # (devices disagree on a shape: keep them apart)
+            for i, v in items:
+                flat[f"dev.{i}.{k}"] = v
+    return flat
+
+
+def unpack_columns(flat: dict[str, torch.Tensor], n_devices: int) -> list[dict[str, torch.Tensor]]:
+    per_device: list[dict[str, torch.Tensor]] = [{} for _ in range(n_devices)]
+    for name, v in flat.items():
+        head, _, key = name.partition(".")
+        if head == "col":
+            for row, i in enumerate(flat[f"idx.{key}"].tolist()):
+                per_device[i][key] = v[row].clone()
+        elif head == "dev":
+            i, _, key = key.partition(".")
+            per_device[int(i)][key] = v
+    return per_device
 
 
 def release_freed_memory() -> None:

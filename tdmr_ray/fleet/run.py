@@ -15,7 +15,7 @@ from ..storage import RunStore, join, resolve_storage
 from .adapter import CloudAdapterActor
 from .config import FleetConfig
 from .host import DeviceHost
-from .progress import FleetProgress
+from ..fleet_progress import FleetProgress
 from .streams import build_pool
 
 

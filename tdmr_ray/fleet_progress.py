@@ -1,5 +1,8 @@
 """Fleet progress: device hosts post their running totals here; the driver only reads and reports.
 
+(Outside the ``tdmr_ray.fleet`` package on purpose: that package imports torch, and the actor's
+process would carry it, ~600 MB resident for a dict of totals; this module imports nothing.)
+
 Hosts run their whole streams free (no barrier between them), so the driver cannot wait for rounds
 to learn how far the fleet is; each host posts cumulative totals (samples seen, correct, candidates,
 treatment and control arms, done) every ``progress_interval_s``, and the driver sums the newest post
