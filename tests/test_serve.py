@@ -138,6 +138,7 @@ def test_concurrent_requests_of_many_devices_each_get_their_own_parameters(serve
     broken = {k: (torch.zeros_like(v) if k.endswith("bn1.weight") else v) for k, v in plain.items()}
     registry.publish_edge_params("edge-mix-a", plain, base="resnet20-cifar10@v1")
     registry.publish_edge_params("edge-mix-b", broken, base="resnet20-cifar10@v1")
+    time.sleep(0.5)  # the next poll lists them (unknown ids are answered from the poller's listing)
     x = clean_subset.x[:4]
     expected = {}
     for dev, params in (("mix-a", plain), ("mix-b", broken)):
