@@ -10,9 +10,9 @@ Parts (``--parts``, all by default), each a table in bench/results/fleet.{json,m
 2. ``lift``: the quickstart's fleet (``--preset quick``: 256 devices, 3 batches of 64, 3 corruption
    groups, robust foundation) keyed by group and by device: treatment - control accuracy with its
    95% interval, overall and per group, refused and unsent shares of the candidate uploads,
-   upload->applied latency, adapter throughput; and a third run keyed by group whose devices run
-   one batch every ``--paced-interval-s`` seconds (a camera's pace) instead of as fast as one host
-   core allows, so the candidates they produce fit the cloud's capacity.
+   upload->applied latency, adapter throughput; and runs keyed by each of ``--paced-key-by`` whose
+   devices run one batch every ``--paced-interval-s`` seconds (a camera's pace) instead of as fast
+   as one host core allows, so the candidates they produce fit the cloud's capacity.
 3. ``sizes``: 64 / 256 / 1,024 devices: the full fleet, the same fleet with uploads off (hosts
    only, one per CPU) and a single-process loop over the same edge forwards (no Ray, best of 1
    thread and one thread per host). Ratio = edge-only fleet / single process; resident memory of
@@ -127,7 +127,8 @@ def fleet_run(tmp: Path, tag: str, **settings) -> dict:
 
 def part_lift(args, tmp: Path) -> list[dict]:
     rows = []
-    runs = [(key_by, 0.0) for key_by in args.key_by] + [("group", args.paced_interval_s)] * bool(args.paced_interval_s)
+    runs = [(key_by, 0.0) for key_by in args.key_by] + \
+        [(key_by, args.paced_interval_s) for key_by in args.paced_key_by if args.paced_interval_s]
     for key_by, interval in runs:
         m = fleet_run(tmp, f"lift{key_by}{int(interval)}", key_by=key_by, seed=args.seed, device_interval_s=interval,
                       **FLEET_PRESETS["quick"])
@@ -301,7 +302,8 @@ def main(argv=None):
     p.add_argument("--adapter-uploads", type=int, default=48)
     p.add_argument("--key-by", nargs="+", default=["group", "device"])
     p.add_argument("--paced-interval-s", type=float, default=180.0,
-                   help="a third lift run whose devices run one batch per this many seconds (0: none)")
+                   help="lift runs (keyed by each of --paced-key-by) whose devices run one batch per this many seconds (0: none)")
+    p.add_argument("--paced-key-by", nargs="+", default=["group"])
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--batches-per-device", type=int, default=2)
     p.add_argument("--edge-only-max-devices", type=int, default=1024,

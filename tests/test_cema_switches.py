@@ -266,3 +266,35 @@ def test_settings_apply_over_the_methods_own_switches():
     assert method_config("cema", base).filter.unreliable  # a method sets its filter switches ...
     cfg = method_config("cema", base, {"filter.unreliable": False, "edge.tbr_cumulative": True})
     assert not cfg.filter.unreliable and cfg.edge.tbr_cumulative  # ... settings come last
+
+
+def test_augment_views_distil_on_flipped_and_shifted_copies_of_the_new_samples(model):
+    """cloud.augment_views adds that many augmented copies of a step's new samples to the distillation
+    batch (each a horizontal flip and/or a shift of the original), augment_replay augments replay draws."""
+    from tdmr_ray.cema.cloud import augment
+
+    x = torch.rand(16, 3, 32, 32)
+    views = augment(x, torch.Generator().manual_seed(0))
+    assert views.shape == x.shape and not torch.equal(views, x)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(16):  # every view is one of the 2 x 81 flips and shifts of its own image
+        assert any(torch.equal(views[i], (padded[i].flip(2) if f else padded[i])[:, dy:dy + 32, dx:dx + 32])
+                   for f in (0, 1) for dy in range(9) for dx in range(9)), i
+    sizes = {}
+    for views_n, replay in ((0, False), (2, False), (2, True)):
+        cloud = CloudAdapter(model, model, cfg_with("upload_all", cloud=small(augment_views=views_n,
+                                                                               augment_replay=replay)))
+        seen = []
+        cloud.edge.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+        for i in range(5):
+            cloud.process(upload(4, i))
+        sizes[views_n, replay] = [len(s) for s in seen]
+        last = seen[-1]  # the step with replay: 4 new, 8 views of them, 12 replayed
+        new = cloud._to_input(torch.tensor(images(4, 4)))
+        assert torch.equal(last[:4], new)
+        replayed_plain = any(torch.equal(last[-1], cloud._to_input(torch.tensor(images(4, j)))[k])
+                             for j in range(5) for k in range(4))
+        assert replayed_plain != replay
+    assert sizes[0, False] == [4, 4, 4, 16, 16] and sizes[2, False] == sizes[2, True] == [12, 12, 12, 24, 24]
+    with pytest.raises(ValueError, match="augment_views"):
+        CloudAdapter(model, model, cfg_with("cema", cloud=small(augment_views=-1)))

@@ -150,7 +150,10 @@ def test_driver_killed_mid_run_resumes_with_nothing_lost(ray_session, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if "stream ..." in line:
-            time.sleep(1.0)
+            # killed once the first upload is logged (a run with nothing logged has nothing to resume)
+            deadline = time.monotonic() + 30
+            while not list((tmp_path / "store").rglob("uploads/*.parquet")) and time.monotonic() < deadline:
+                time.sleep(0.1)
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
@@ -232,7 +235,7 @@ def test_host_checkpoint_is_columns_whose_count_does_not_grow_with_devices():
     import torch
     from safetensors.torch import load, save
 
-    from tdmr_ray.fleet.host import pack_columns, unpack_columns
+    from tdmr_ray.fleet.state_bank import pack_columns, unpack_columns
 
     def devices(n):
         return [{"affine.w": torch.rand(16), "position": torch.tensor(i),
@@ -245,3 +248,50 @@ def test_host_checkpoint_is_columns_whose_count_does_not_grow_with_devices():
     back = unpack_columns(load(save(pack_columns(original))), 50)
     for got, want in zip(back, original):
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_state_bank_parks_devices_without_changing_what_they_compute():
+    """Devices parked in a StateBank between batches predict and checkpoint exactly as devices that
+    keep their own tensors, and the bank holds their numbers in a few matrices, not per-device tensors."""
+    import torch
+    from safetensors.torch import load, save
+
+    from tdmr_ray.cema import EdgeDeviceState, EdgeRunner, UpdateMessage, method_config
+    from tdmr_ray.fleet.state_bank import StateBank, pack_columns, unpack_columns
+    from tdmr_ray.models import create_model
+
+    torch.manual_seed(0)
+    runner = EdgeRunner(create_model("resnet20"), method_config("cema"))  # random weights: mechanics
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    plain = [runner.new_device(f"d{i}") for i in range(3)]
+    banked = [runner.new_device(f"d{i}") for i in range(3)]
+    bank = StateBank(3)
+    for i, s in enumerate(banked):
+        bank.park(i, s)
+    assert all(s.affine is None and s.stats is None for s in banked)
+    update = UpdateMessage("g", 1, {k: v * 0.5 for k, v in runner.initial_affine.items()})
+    for b, images in enumerate(batches):
+        for i in range(3):
+            if b == 1 and i == 2:  # an update mid-stream, to one device
+                plain[i].offer(update)
+            want = runner.infer(plain[i], images).logits
+            bank.unpark(i, banked[i])
+            if b == 1 and i == 2:
+                banked[i].offer(update)
+            got = runner.infer(banked[i], images).logits
+            bank.park(i, banked[i])
+            assert torch.equal(got, want), (b, i)
+    assert banked[2].version == 1 and len(bank.fields) == 2
+    assert sum(m.numel() for r in bank.fields.values() for m in r.matrices.values()) == 3 * sum(
+        v.numel() for v in [*plain[0].affine.values(), *plain[0].stats.values()])
+    # checkpoint columns: the bank's rows plus the parked states' small parts read back as the plain states
+    flat = pack_columns([s.to_tensors() for s in banked]) | bank.columns()
+    back = [EdgeDeviceState.from_tensors(e) for e in unpack_columns(load(save(flat)), 3)]
+    for got, want in zip(back, plain):
+        g, w = got.to_tensors(), want.to_tensors()
+        assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)
+    with pytest.raises(ValueError, match="does not fit"):
+        bad = runner.new_device("d9")
+        bad.affine = dict(list(bad.affine.items())[1:])
+        bank.park(0, bad)

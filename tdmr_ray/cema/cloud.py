@@ -264,6 +264,10 @@ class CloudAdapter:
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         return images.permute(0, 3, 1, 2).float().div_(255)
 
+    def _replayed_input(self, replayed: torch.Tensor) -> torch.Tensor:
+        x = self._to_input(replayed)
+        return augment(x, self.generator) if self.cfg.cloud.augment_replay else x
+
     def _sample_replay(self, ks: KeyState, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` replayed samples and their statistics ids."""
         idx = torch.randperm(len(ks.replay), generator=self.generator)[:n].to(self.device)
@@ -288,14 +292,18 @@ class CloudAdapter:
                     self.foundation(x_new)
             n_replay = c.replay_ratio * len(new) if len(ks.replay) >= c.replay_min else 0
             ids = _ids(new_ids, len(new))
+            parts, part_ids = [x_new], [ids]
+            for _ in range(c.augment_views):
+                parts.append(augment(x_new, self.generator))
+                part_ids.append(ids)
             if n_replay:
                 replayed, replayed_ids = self._sample_replay(ks, n_replay)
-                x, ids = torch.cat([x_new, self._to_input(replayed)]), torch.cat([ids, replayed_ids])
-            else:
-                x = x_new
+                parts.append(self._replayed_input(replayed))
+                part_ids.append(replayed_ids)
+            x, ids = torch.cat(parts), torch.cat(part_ids)
         else:
             replayed, ids = self._sample_replay(ks, c.replay_only_multiple * c.batch_size)
-            x = self._to_input(replayed)
+            x = self._replayed_input(replayed)
             ks.replay_only_steps += 1
         # Step 2: distil into the edge copy (foundation statistics frozen, edge statistics move).
         set_norm_mode(self.foundation, "tbr", update_stats=False)
@@ -320,6 +328,17 @@ class CloudAdapter:
         _read_back(self.edge, self._e_params, ks.edge)
         ks.steps += 1
         ks.version += 1
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """A random view of each image of ``x`` (N, C, H, W): flipped horizontally with probability 1/2 and
+    shifted by up to ``shift`` pixels each way (zero-padded), CIFAR's training augmentation."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
+    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
 def _ids(ids: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -160,6 +160,12 @@ class CloudConfig:
     # "newest" under the newest upload's through the same per-sample normalization; "" (default): TBR
     # under the newest upload's statistics.
     sample_stats: str = ""
+    # Beyond the paper: more distillation signal per uploaded sample, no more uploads. Each step on new
+    # samples also distils on `augment_views` augmented copies of them (random horizontal flip and a
+    # shift of up to 4 pixels, zero-padded: the CIFAR training augmentation), and with `augment_replay`
+    # the replayed samples are augmented the same way (each replay draw a new view). 0 / False: off.
+    augment_views: int = 0
+    augment_replay: bool = False
 
 
 # The state a detected shift can reset (ShiftConfig.reset).
@@ -226,6 +232,8 @@ def check_config(cfg: "CEMAConfig") -> None:
     unknown = sorted(set(cfg.shift.reset) - set(SHIFT_PARTS))
     if unknown:
         raise ValueError(f"shift.reset: unknown parts {unknown}; choose from {list(SHIFT_PARTS)}")
+    if cfg.cloud.augment_views < 0:
+        raise ValueError(f"cloud.augment_views must be >= 0, got {cfg.cloud.augment_views}")
     if cfg.cloud.sample_stats not in ("", "own", "newest"):
         raise ValueError(f"cloud.sample_stats must be '', 'own' or 'newest', got {cfg.cloud.sample_stats!r}")
     if cfg.cloud.sample_stats and cfg.edge.stats_source != "upload":

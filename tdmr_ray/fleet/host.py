@@ -2,7 +2,8 @@
 
 Each device keeps only its own state (:class:`tdmr_ray.cema.EdgeDeviceState`: normalization
 affine parameters, TBR statistics, filter state, version, accounting) plus its stream position
-and score. Per batch a device applies its newest received parameters, runs the forward pass,
+and score; between batches its parameters and statistics are rows of the host's
+:class:`~tdmr_ray.fleet.state_bank.StateBank` (a few stacked matrices, not ~100 tensors per device). Per batch a device applies its newest received parameters, runs the forward pass,
 filters, and sends its selected samples to its key's adapter shard without waiting for the
 answer; at most ``max_in_flight`` uploads per host are unanswered, further ones are dropped
 (counted).
@@ -36,6 +37,7 @@ from ..runtime import resolve_model
 from ..storage import RunStore
 from . import streams
 from .adapter import shard_of
+from .state_bank import StateBank, pack_columns, unpack_columns
 from .streams import DeviceStream
 
 HOST_COUNTERS = ("sent", "acked", "unsent", "dropped_in_flight", "busy", "rejected", "send_failed")
@@ -69,7 +71,13 @@ class DeviceHost:
         # batch (one offer per device batch, not one per device per version: O(1) in the fleet's size)
         self.newest_update: dict[str, UpdateMessage] = {}
         self.streams = {d: DeviceStream(d, len(pools[g][1]), cfg.batch_size, cfg.seed) for d, g in self.group.items()}
-        self.state = {d: self.runner.new_device(d) for d in self.devices}
+        # device states, their affine parameters and statistics parked in the bank between batches
+        self.bank = StateBank(len(self.devices))
+        self.row = {d: i for i, d in enumerate(self.devices)}
+        self.state = {}
+        for d in self.devices:
+            self.state[d] = self.runner.new_device(d)
+            self.bank.park(self.row[d], self.state[d])
         self.position = dict.fromkeys(self.devices, 0)
         self.correct = dict.fromkeys(self.devices, 0)
         self.counters = dict.fromkeys(HOST_COUNTERS, 0)
@@ -96,13 +104,9 @@ class DeviceHost:
     def run_round(self, n_batches: int) -> dict:
         """Every unfinished device runs up to ``n_batches`` batches, the host checkpointing after every
         ``round_batches`` of them and posting its running totals to the progress actor every
-        ``progress_interval_s``; returns this call's numbers. (The driver gives each host its whole
+        ``progress_interval_s``; returns when it is done (the totals go to the progress actor). (The driver gives each host its whole
         stream in one call: hosts run free, no barrier between them.)"""
         start = time.perf_counter()
-        seen0 = sum(s.accounting.seen for s in self.state.values())
-        up0 = sum(s.accounting.uploaded for s in self.state.values())
-        correct0 = sum(self.correct.values())
-        arms0 = self._arms()
         # (a host Ray restarted and retried from its checkpoint runs only the sweeps still missing)
         sweeps = max(0, min(n_batches, self.cfg.batches_per_device - min(self.position.values(), default=0)))
         for sweep_index in range(sweeps):
@@ -125,10 +129,6 @@ class DeviceHost:
                 release_freed_memory()
         self._post_progress(wait=True)  # (the driver reads the totals once this call returns)
         return {"host": self.index, "seconds": time.perf_counter() - start,
-                "seen": sum(s.accounting.seen for s in self.state.values()) - seen0,
-                "uploaded": sum(s.accounting.uploaded for s in self.state.values()) - up0,
-                "correct": sum(self.correct.values()) - correct0,
-                "arms": {arm: [a - b for a, b in zip(now, arms0[arm])] for arm, now in self._arms().items()},
                 "done": all(p >= self.cfg.batches_per_device for p in self.position.values())}
 
     def totals(self) -> dict:
@@ -162,11 +162,15 @@ class DeviceHost:
         state, b = self.state[d], self.position[d]
         images, labels = self.pools[self.group[d]]
         idx = self.streams[d].indices(b)
-        update = self.newest_update.get(self.key[d])
-        if update is not None and not self.control[d] and update.version > state.version:
-            state.offer(update)  # (validated per device: ~0.5 ms against a batch's ~50 ms forward)
-        before = state.version
-        result = self.runner.infer(state, images[idx])
+        self.bank.unpark(self.row[d], state)
+        try:
+            update = self.newest_update.get(self.key[d])
+            if update is not None and not self.control[d] and update.version > state.version:
+                state.offer(update)  # (validated per device: ~0.5 ms against a batch's ~50 ms forward)
+            before = state.version
+            result = self.runner.infer(state, images[idx])
+        finally:
+            self.bank.park(self.row[d], state)
         offered, sent_at = self.trigger_sent_at.get(self.key[d], (0, 0.0))
         if state.version != before and state.version == offered:
             self.latencies.append(time.time() - sent_at)
@@ -263,7 +267,7 @@ class DeviceHost:
             entry["position"] = torch.tensor(self.position[d])
             entry["correct"] = torch.tensor(self.correct[d])
             per_device.append(entry)
-        flat = pack_columns(per_device)
+        flat = pack_columns(per_device) | self.bank.columns()  # (parked states: no affine or stats entries)
         for k, v in self.counters.items():
             flat[f"counters.{k}"] = torch.tensor(v)
         for k, v in self.key_version.items():
@@ -288,39 +292,8 @@ class DeviceHost:
             self.state[d] = EdgeDeviceState.from_tensors(entry)
             if self.state[d].device_id != d:
                 raise ValueError(f"{self.ckpt}: device {i} is {self.state[d].device_id}, expected {d}")
+            self.bank.park(i, self.state[d])
         return True
-
-
-def pack_columns(per_device: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-device tensors as columns: ``col.<key>`` stacks the key's tensor of every device that has
-    it (same shape and dtype), ``idx.<key>`` lists those devices. A safetensors header holds one entry
-    per tensor; one entry per device and key (~100 keys) overflowed it at 10,000 devices."""
-    columns: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-    for i, entry in enumerate(per_device):
-        for k, v in entry.items():
-            columns[k].append((i, v))
-    flat = {}
-    for k, items in columns.items():
-        if len({(tuple(v.shape), v.dtype) for _, v in items}) == 1:
-            flat[f"col.{k}"] = torch.stack([v for _, v in items])
-            flat[f"idx.{k}"] = torch.tensor([i for i, _ in items], dtype=torch.int64)
-        else:  # (devices disagree on a shape: keep them apart)
-            for i, v in items:
-                flat[f"dev.{i}.{k}"] = v
-    return flat
-
-
-def unpack_columns(flat: dict[str, torch.Tensor], n_devices: int) -> list[dict[str, torch.Tensor]]:
-    per_device: list[dict[str, torch.Tensor]] = [{} for _ in range(n_devices)]
-    for name, v in flat.items():
-        head, _, key = name.partition(".")
-        if head == "col":
-            for row, i in enumerate(flat[f"idx.{key}"].tolist()):
-                per_device[i][key] = v[row].clone()
-        elif head == "dev":
-            i, _, key = key.partition(".")
-            per_device[int(i)][key] = v
-    return per_device
 
 
 def release_freed_memory() -> None:

@@ -39,13 +39,19 @@ def device_id(index: int) -> str:
 
 
 class DeviceStream:
-    """Batch ``b`` of one device: a window of its seeded permutation of the pool (wrapping)."""
+    """Batch ``b`` of one device: a window of its seeded permutation of the pool (wrapping).
+
+    The permutation is drawn again per batch (~20 us for 1,000 images) rather than kept: kept, it
+    cost 8 KB per device, 80 MB on a host of 10,000 devices."""
 
     def __init__(self, device: str, pool_len: int, batch_size: int, seed: int):
-        rng = np.random.default_rng([seed, zlib.crc32(device.encode())])
-        self.order = rng.permutation(pool_len)
-        self.batch_size = batch_size
+        self.seed = (seed, zlib.crc32(device.encode()))
+        self.pool_len, self.batch_size = pool_len, batch_size
+
+    @property
+    def order(self) -> np.ndarray:
+        return np.random.default_rng(list(self.seed)).permutation(self.pool_len)
 
     def indices(self, b: int) -> np.ndarray:
-        start = (b * self.batch_size) % len(self.order)
+        start = (b * self.batch_size) % self.pool_len
         return np.take(self.order, np.arange(start, start + self.batch_size), mode="wrap")
