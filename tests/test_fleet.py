@@ -291,6 +291,14 @@ def test_state_bank_parks_devices_without_changing_what_they_compute():
     for got, want in zip(back, plain):
         g, w = got.to_tensors(), want.to_tensors()
         assert g.keys() == w.keys() and all(torch.equal(g[k], w[k]) for k in w)
+    bank.park(2, banked[2])  # parked twice: harmless; a new state object for a parked row replaces it
+    bank.unpark(2, banked[2])
+    assert all(torch.equal(banked[2].affine[k], plain[2].affine[k]) for k in plain[2].affine)
+    bank.park(2, banked[2])
+    fresh = runner.new_device("d2")
+    bank.park(2, fresh)
+    bank.unpark(2, fresh)
+    assert fresh.stats is None and all(torch.equal(fresh.affine[k], runner.initial_affine[k]) for k in fresh.affine)
     with pytest.raises(ValueError, match="does not fit"):
         bad = runner.new_device("d9")
         bad.affine = dict(list(bad.affine.items())[1:])

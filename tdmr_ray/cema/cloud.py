@@ -334,6 +334,8 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torc
     """A random view of each image of ``x`` (N, C, H, W): flipped horizontally with probability 1/2 and
     shifted by up to ``shift`` pixels each way (zero-padded), CIFAR's training augmentation."""
     n, _, h, w = x.shape
+    if n == 0:
+        return x
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
     padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))

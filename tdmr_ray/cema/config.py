@@ -164,6 +164,7 @@ class CloudConfig:
     # samples also distils on `augment_views` augmented copies of them (random horizontal flip and a
     # shift of up to 4 pixels, zero-padded: the CIFAR training augmentation), and with `augment_replay`
     # the replayed samples are augmented the same way (each replay draw a new view). 0 / False: off.
+    # (Where the cloud copy moves its own statistics, edge.stats_source "cloud", the views move them too.)
     augment_views: int = 0
     augment_replay: bool = False
 

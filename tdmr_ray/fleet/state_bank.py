@@ -41,12 +41,13 @@ class _FieldRows:
             raise ValueError(f"device state does not fit the bank's layout: missing "
                              f"{sorted(self.layout.keys() - tensors.keys())[:4]}, unexpected "
                              f"{sorted(tensors.keys() - self.layout.keys())[:4]}")
+        for name, (dtype, _, _, shape) in self.layout.items():  # (all checked before any row is written)
+            v = tensors[name]
+            if tuple(v.shape) != shape or v.dtype != dtype:
+                raise ValueError(f"device state {name} is {v.dtype} {tuple(v.shape)}, the bank holds {dtype} {shape}")
         with torch.no_grad():
-            for name, (dtype, start, end, shape) in self.layout.items():
-                v = tensors[name]
-                if tuple(v.shape) != shape:
-                    raise ValueError(f"device state {name} has shape {tuple(v.shape)}, the bank holds {shape}")
-                self.matrices[dtype][i, start:end].copy_(v.reshape(-1))
+            for name, (dtype, start, end, _) in self.layout.items():
+                self.matrices[dtype][i, start:end].copy_(tensors[name].reshape(-1))
         self.present[i] = True
 
     def views(self, i: int) -> dict[str, torch.Tensor] | None:
@@ -69,6 +70,8 @@ class StateBank:
         self.parked = np.zeros(n_devices, dtype=bool)
 
     def park(self, i: int, state) -> None:
+        if self.parked[i] and all(getattr(state, f) is None for f in BANKED_FIELDS):
+            return  # (parked twice: its fields are None because the bank holds them)
         for field in BANKED_FIELDS:
             tensors = getattr(state, field)
             if tensors is None:
