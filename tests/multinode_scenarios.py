@@ -24,7 +24,7 @@ def start_cluster(worker_nodes: int):
     # The head keeps the driver-side actors (the adapter asks for "head"); workers hold device hosts.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1},
                                                           "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(worker_nodes)]
+    nodes = [cluster.add_node(num_cpus=1, resources={"worker": 1}) for _ in range(worker_nodes)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     return cluster, nodes
@@ -71,24 +71,83 @@ def fleet_node_loss(out: Path) -> dict:
             "processed": m["adapter"]["processed_samples"], "acked_samples": m["adapter"]["acked_samples"]}
 
 
-def train_two_nodes(out: Path) -> dict:
-    """A two-worker GDFQ Train job whose workers sit on two different nodes (1 CPU each)."""
+def train_and_serve_two_nodes(out: Path) -> dict:
+    """On one cluster with two worker nodes (one cluster start for both checks): a two-worker GDFQ
+    Train job whose workers sit on the two nodes (1 CPU each), then the Serve app through the
+    ``serve run`` CLI with its replica on a worker node."""
     import ray
 
     import gdfq
 
-    cluster, _ = start_cluster(worker_nodes=2)
-    summary = gdfq.main(["--gdfq.epochs", "2", "--gdfq.iters-per-epoch", "2", "--gdfq.batch-size", "8",
-                         "--gdfq.warmup-epochs", "1", "--gdfq.range-update-epochs", "1", "--gdfq.lr-milestones", "1",
-                         "--eval-limit", "100", "--num-workers", "2", "--no-publish",
-                         "--output-dir", str(out / "run"), "--storage", str(out / "store")])
-    m = summary["metrics"]
-    ray.shutdown()
-    cluster.shutdown()
-    return {"world_size": m["world_size"], "worker_nodes": m["worker_nodes"], "epochs": m["epochs"]}
+    started = time.time()
+    cluster, nodes = start_cluster(worker_nodes=2)
+    ids = {"worker_nodes": [n.node_id for n in nodes], "head_node": cluster.head_node.node_id}
+    try:
+        summary = gdfq.main(["--gdfq.epochs", "2", "--gdfq.iters-per-epoch", "2", "--gdfq.batch-size", "8",
+                             "--gdfq.warmup-epochs", "1", "--gdfq.range-update-epochs", "1",
+                             "--gdfq.lr-milestones", "1", "--eval-limit", "100", "--num-workers", "2",
+                             "--no-publish", "--output-dir", str(out / "run"), "--storage", str(out / "store")])
+        m = summary["metrics"]
+        train = {"world_size": m["world_size"], "worker_nodes": m["worker_nodes"], "epochs": m["epochs"]}
+        trained = time.time()
+        serve = serve_run_on(cluster, out)
+        print(f"[scenario] cluster + train {trained - started:.1f}s, serve {time.time() - trained:.1f}s", flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return {"train": train, "serve": {**serve, **ids}}
 
 
-SCENARIOS = {"fleet-node-loss": fleet_node_loss, "train-two-nodes": train_two_nodes}
+def serve_run_on(cluster, out: Path) -> dict:
+    """``serve run serve/config.yaml`` (the CLI, non-blocking) against ``cluster``, the replica on a
+    worker node, HTTP through the head's proxy. Changed from README's config for one machine: the proxy
+    on the head only (every node's proxy would bind the same port), the replica asks for the worker
+    nodes' resource, the registry is the scenario's own."""
+    import subprocess
+
+    import numpy as np
+    import ray
+    import requests
+    import yaml
+
+    from serve.client import free_port, wait_healthy
+    from serve.codec import encode_array
+    from tdmr_ray.models import create_model, get_norm_affine
+    from tdmr_ray.registry import Registry
+
+    registry = Registry(str(out / "registry"))
+    model = create_model("resnet20", pretrained=True).eval()
+    base = registry.publish_model("mn-edge", model)
+    registry.publish_edge_params("edge-mn-fog", get_norm_affine(model), base=base.ref)
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    port = free_port()
+    config.update(proxy_location="HeadOnly", http_options={**config["http_options"], "port": port})
+    deployment = config["applications"][0]["deployments"][0]
+    deployment["ray_actor_options"] = {**deployment["ray_actor_options"], "resources": {"worker": 0.5}}
+    deployment["user_config"].update(registry=str(out / "registry"), model="mn-edge", params_prefix="edge-mn-")
+    (out / "serve.yaml").write_text(yaml.safe_dump(config))
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    deploy = subprocess.run([serve_cli, "run", "--non-blocking", "--address", cluster.address, str(out / "serve.yaml")],
+                            cwd=out, capture_output=True, text=True, timeout=300)
+    try:
+        if deploy.returncode != 0:
+            raise RuntimeError(f"serve run failed: {deploy.stdout[-2000:]} {deploy.stderr[-2000:]}")
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, timeout=240)
+        r = requests.post(f"{url}/predict", json=encode_array(np.zeros((2, 32, 32, 3), np.uint8)),
+                          headers={"X-Device-Id": "fog"}, timeout=60)
+        # (from the GCS: this cluster runs no dashboard, so no state API)
+        replicas = [a for a in ray._private.state.actors().values()
+                    if "EdgeModelServer" in a["ActorClassName"] and a["State"] == "ALIVE"]
+        return {"status": r.status_code, "body": r.json() if r.ok else r.text[:500],
+                "replica_nodes": [a["Address"]["NodeID"] for a in replicas]}
+    finally:
+        from ray import serve
+
+        serve.shutdown()  # (`serve shutdown` talks to the dashboard, which this cluster does not run)
+
+
+SCENARIOS = {"fleet-node-loss": fleet_node_loss, "train-and-serve-two-nodes": train_and_serve_two_nodes}
 
 if __name__ == "__main__":
     name, out = sys.argv[1], Path(sys.argv[2])

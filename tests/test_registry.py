@@ -85,12 +85,18 @@ def test_half_written_version_is_invisible(tmp_path):
 def test_concurrent_local_publishers_get_distinct_versions(tmp_path):
     registry = Registry(str(tmp_path / "reg"))
     params = {"w": torch.ones(3)}
-    out = []
-    threads = [threading.Thread(target=lambda: out.append(registry.publish("p", params, kind="edge-params",
-                                                                           format="norm-affine").version))
-               for _ in range(8)]
+    out, errors = [], []
+
+    def publish():
+        try:
+            out.append(registry.publish("p", params, kind="edge-params", format="norm-affine").version)
+        except Exception as exc:  # a thread's exception would otherwise vanish
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=publish) for _ in range(8)]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    assert not errors
     assert sorted(out) == list(range(1, 9)) and registry.versions("p") == list(range(1, 9))
 
 

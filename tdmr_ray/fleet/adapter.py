@@ -169,10 +169,12 @@ class CloudAdapterActor:
         with self.core_lock:  # between two turns: the state and the processed seqs agree
             with self.cv:
                 low, above = self.wal_low, sorted(self.processed_above)
+                # read with the counts: an upload acknowledged after them must count again on restore
                 counts = {k: self.counters[k] for k in ("processed_samples", "acked_samples", "acked_uploads")}
+                seq = self.seq
             state = self.core.state_dict()
         retry(lambda: self.registry.publish(self.state_name, state, kind="adapter-state", format="cema-cloud",
-                                            extra={"wal_low": low, "processed_above": above, "seq": self.seq,
+                                            extra={"wal_low": low, "processed_above": above, "seq": seq,
                                                    "shard": self.shard, **counts}),
               f"adapter checkpoint {self.state_name}")
         with self.cv:

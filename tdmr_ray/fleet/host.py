@@ -40,6 +40,10 @@ from .adapter import shard_of
 from .state_bank import StateBank, pack_columns, unpack_columns
 from .streams import DeviceStream
 
+# Freed heap pages go back to the OS this often (and at every checkpoint). Measured at 10,000 devices
+# x 1 batch, trimming only at the end: the host grew to 2.8 GiB mid-stream and fell to ~1 GiB after
+# the final trim, i.e. mostly freed pages held by fragmentation; a trim costs milliseconds.
+TRIM_EVERY_BATCHES = 256
 HOST_COUNTERS = ("sent", "acked", "unsent", "dropped_in_flight", "busy", "rejected", "send_failed")
 
 
@@ -86,6 +90,7 @@ class DeviceHost:
         self.tokens = dict.fromkeys(self.keys, 0.0)
         self.refilled = dict.fromkeys(self.keys, time.monotonic())
         self.last_poll = 0.0
+        self.batches_since_trim = 0
         self.in_flight: list = []  # (ref, n_samples)
         self.latencies: list[float] = []
         # key -> (newest version offered, when its oldest upload left): devices apply the newest offer
@@ -121,6 +126,10 @@ class DeviceHost:
                     self._poll()
                 if self.position[d] < self.cfg.batches_per_device:
                     self._device_batch(d)
+                    self.batches_since_trim += 1
+                    if self.batches_since_trim >= TRIM_EVERY_BATCHES:
+                        release_freed_memory()
+                        self.batches_since_trim = 0
                 if time.monotonic() - self.posted_at >= self.cfg.progress_interval_s:
                     self._post_progress()
             self._collect(block=False)
