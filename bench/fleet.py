@@ -47,6 +47,8 @@ from tdmr_ray.fleet.streams import DeviceStream, build_pool, device_id  # noqa: 
 from tdmr_ray.models import create_model  # noqa: E402
 from tdmr_ray.runtime import JobRun, resolve_model  # noqa: E402
 
+import machine  # noqa: E402  (bench/machine.py: the script's folder is on sys.path)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -314,8 +316,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     ray.init(include_dashboard=False, log_to_driver=False)
     cpus = int(ray.cluster_resources()["CPU"])
-    result = {"machine": {"cpus": cpus}, "command": "python bench/fleet.py " + " ".join(argv or sys.argv[1:])}
-    lines = [f"Fleet benchmark ({cpus} CPUs). Command: `{result['command']}`", ""]
+    result = {"machine": {**machine.describe(), "ray_cpus": cpus},
+              "command": "python bench/fleet.py " + " ".join(argv or sys.argv[1:])}
+    lines = [f"Fleet benchmark ({cpus} CPUs). Command: `{result['command']}`", "", machine.headline(result["machine"]), ""]
     with tempfile.TemporaryDirectory() as tmp:
         if "adapter" in args.parts:
             result["adapter"] = part_adapter(args, Path(tmp))

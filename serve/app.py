@@ -238,7 +238,8 @@ class EdgeModelServer:
         self.channels = model.arch.get("in_chans", 3)
         self.live_affine = norm_affine_parameters(model)
         self.base_affine = {k: v.detach().clone() for k, v in self.live_affine.items()}
-        self.model, self.model_ref = model, ref  # swapped between batches: requests see one or the other
+        # swapped between batches: requests see one or the other; GET /models reads the kept metadata
+        self.model, self.model_ref, self.model_meta = model, ref, meta
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
@@ -431,7 +432,7 @@ class EdgeModelServer:
             raise BadRequest(401, "missing or wrong API key (send 'Authorization: Bearer <key>' or 'X-API-Key')")
 
     def _describe(self) -> dict:
-        meta = self.registry.meta(*self.model_ref.split("@v")[:1])
+        meta = self.model_meta  # (the served version's, read when it was loaded: no registry I/O here)
         return {"model": self.model_ref, "architecture": meta.get("architecture"), "format": meta.get("format"),
                 "metrics": meta.get("metrics"), "classes": self.class_names,
                 "loaded_params": {k: v.ref for k, v in self._sets.items()}, "timing": dict(self.timing)}

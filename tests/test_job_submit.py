@@ -108,10 +108,11 @@ def test_job_submission_client_runs_the_evaluation_job(ray_start_cluster):
     assert summary["job"] == "evaluate" and summary["metrics"]
 
 
-def test_gdfq_and_tdmr_sweeps_submitted_as_jobs_run_two_trials_each(ray_start_cluster):
-    """``jobs/tune.py`` for the two Ray Train jobs, submitted with the Python client: each sweep's
+def test_gdfq_and_tdmr_jobs_and_their_sweeps_submitted_together_all_finish(ray_start_cluster):
+    """README's ``ray job submit -- python jobs/gdfq.py`` and ``jobs/tdmr.py`` (tiny settings in
+    ``--config``) and ``jobs/tune.py`` for both, submitted with the Python client at once: each sweep's
     two trials drive Ray Train runs on the cluster's 2 CPUs without deadlock (a trial holds a sliver,
-    its Train worker the CPU), and both sweeps, submitted together, finish."""
+    its Train worker the CPU) beside the jobs' own two-worker Train runs, and all four finish."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     address, tmp = ray_start_cluster
@@ -128,19 +129,28 @@ def test_gdfq_and_tdmr_sweeps_submitted_as_jobs_run_two_trials_each(ray_start_cl
     jobs = {}
     for job, settings in tiny.items():
         (tmp / f"{job}.yaml").write_text(yaml.safe_dump(settings))
-        jobs[job] = client.submit_job(
+        jobs[f"sweep-{job}"] = client.submit_job(
             entrypoint=f"python jobs/tune.py --job {job} --num-samples 2 --val-images 32 --job-config {tmp / job}.yaml "
                        f"--output-dir {tmp / ('sweep-' + job)} --storage {tmp / 'store'}",
             runtime_env={"working_dir": str(REPO)})
+        jobs[f"job-{job}"] = client.submit_job(
+            entrypoint=f"python jobs/{job}.py --config {tmp / job}.yaml --output-dir {tmp / ('job-' + job)} "
+                       f"--storage {tmp / 'store'}",
+            runtime_env={"working_dir": str(REPO)})
     deadline = time.time() + 600
-    for job, job_id in jobs.items():
+    for name, job_id in jobs.items():
         while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            assert time.time() < deadline, f"{job} sweep did not finish"
+            assert time.time() < deadline, f"{name} did not finish"
             time.sleep(2)
         assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
-        m = json.loads((tmp / f"sweep-{job}" / "summary.json").read_text())["metrics"]
-        assert m["trials"] == 2 and not m["errors"], (job, m["errors"])
-        assert all(r["training_iteration"] >= 1 for r in m["rows"]) and 0 <= m["best"]["accuracy"] <= 1
+        summary = json.loads((tmp / name / "summary.json").read_text())
+        m = summary["metrics"]
+        if name.startswith("sweep-"):
+            assert m["trials"] == 2 and not m["errors"], (name, m["errors"])
+            assert all(r["training_iteration"] >= 1 for r in m["rows"]) and 0 <= m["best"]["accuracy"] <= 1
+        else:  # the job ran its own Train run to the end and published its model
+            assert summary["job"] == name.removeprefix("job-") and summary["registry_version"], summary
+            assert m["world_size"] == 2  # the job's default: two Train workers
 
 
 def test_job_submit_without_the_token_mode_is_refused(ray_start_cluster, monkeypatch):

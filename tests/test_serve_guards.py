@@ -1,0 +1,139 @@
+"""The Serve replica's guards, on the deployment class itself (no Serve instance): health checks,
+unknown ids that cannot hammer the registry, the API key, registry reads off the event loop."""
+import asyncio
+import time
+from collections import OrderedDict
+
+import pytest
+
+from tdmr_ray.models import create_model, get_norm_affine
+from tdmr_ray.registry import Registry
+
+
+class CountingRegistry:
+    """A registry whose reads are counted and, optionally, slow."""
+
+    def __init__(self, registry: Registry, delay_s: float = 0.0):
+        self.registry, self.delay_s = registry, delay_s
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        method = getattr(self.registry, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            time.sleep(self.delay_s)
+            return method(*args, **kwargs)
+
+        return counted
+
+
+def replica(registry, **config):
+    """An EdgeModelServer as Serve would hold it after reconfigure, without Serve."""
+    from serve.app import DEFAULTS, EdgeModelServer
+
+    cls = EdgeModelServer.func_or_class
+    server = cls.__new__(cls)
+    server.config = {**DEFAULTS, "params_prefix": "edge-", "poll_interval_s": 60.0, **config}
+    server.model, server.model_ref, server._poller = None, "", None
+    server._sets, server._loading, server._known, server._listed_at = OrderedDict(), {}, set(), 0.0
+    server.registry, server.api_key = registry, ""
+    server.timing = {"requests": 0}
+    return cls, server
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    registry = Registry(str(tmp_path_factory.mktemp("guards") / "reg"))
+    model = create_model("resnet20").eval()
+    base = registry.publish_model("cema-edge", model)
+    registry.publish_edge_params("edge-fog", get_norm_affine(model), base=base.ref)
+    return registry
+
+
+def test_health_check_fails_without_a_model_or_once_the_poller_died(published):
+    cls, server = replica(published)
+
+    async def died():
+        raise OSError("registry unreachable")
+
+    async def run():
+        server._poller = asyncio.get_running_loop().create_task(died())
+        with pytest.raises(RuntimeError, match="no model loaded"):
+            server.check_health()
+        server._swap_base_model(*server._read_base_model())
+        await asyncio.sleep(0)  # the poller runs and dies
+        with pytest.raises(RuntimeError, match="poller stopped.*registry unreachable"):
+            server.check_health()
+        server._poller = asyncio.get_running_loop().create_task(asyncio.sleep(10))
+        server.check_health()  # a model and a live poller: healthy
+        server._poller.cancel()
+
+    asyncio.run(run())
+
+
+def test_random_device_ids_list_the_registry_at_most_once_per_poll_interval(published):
+    from serve.app import UnknownDevice
+
+    counting = CountingRegistry(published)
+    cls, server = replica(counting)
+    server._swap_base_model(*server._read_base_model())
+    counting.calls.clear()
+
+    async def ask(device_id):
+        return await server.get_param_set(device_id)
+
+    for i in range(50):
+        with pytest.raises(UnknownDevice, match=f"rnd-{i}"):
+            asyncio.run(ask(f"rnd-{i}"))
+    assert counting.calls == {"names": 1}  # one listing for 50 unknown ids, no per-id read
+    assert asyncio.run(ask("fog")).ref == "edge-fog@v1"  # a known id is still found (listed above)
+
+
+def test_registry_reads_do_not_block_the_event_loop(published):
+    """A slow registry (0.3 s per read) while the replica refreshes a set and lists names: other
+    coroutines (requests) keep running."""
+    from serve.app import ParamSet
+
+    slow = CountingRegistry(published, delay_s=0.3)
+    cls, server = replica(slow)
+    server._swap_base_model(*server._read_base_model())
+
+    async def run():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await server._refresh(ParamSet("edge-fog", {}, ""))
+        with pytest.raises(Exception):
+            await server._load_param_set("nobody")
+        task.cancel()
+        return ticks
+
+    assert asyncio.run(run()) >= 30  # ~0.9 s of reads; on the loop it would be 0 ticks
+    assert server.model_meta["name"] == "cema-edge" and server._describe()["model"] == "cema-edge@v1"
+
+
+def test_api_key_is_required_when_set():
+    from serve.codec import BadRequest
+
+    cls, server = replica(None)
+    server.api_key = "s3cret"
+
+    class Req:
+        def __init__(self, headers):
+            self.headers = headers
+
+    for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}):
+        with pytest.raises(BadRequest) as exc:
+            server._check_key(Req(headers))
+        assert exc.value.status == 401
+    server._check_key(Req({"x-api-key": "s3cret"}))
+    server._check_key(Req({"authorization": "Bearer s3cret"}))
+    server.api_key = ""
+    server._check_key(Req({}))  # no key configured: open (loopback only, see reconfigure)
