@@ -314,9 +314,10 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix of the result files (fleet<tag>.json/md)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    host_machine = machine.describe()  # (before Ray starts its processes beside the speed probe)
     ray.init(include_dashboard=False, log_to_driver=False)
     cpus = int(ray.cluster_resources()["CPU"])
-    result = {"machine": {**machine.describe(), "ray_cpus": cpus},
+    result = {"machine": {**host_machine, "ray_cpus": cpus},
               "command": "python bench/fleet.py " + " ".join(argv or sys.argv[1:])}
     lines = [f"Fleet benchmark ({cpus} CPUs). Command: `{result['command']}`", "", machine.headline(result["machine"]), ""]
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,6 +43,8 @@ from tdmr_ray.data import load_dataset  # noqa: E402
 from tdmr_ray.models import create_model, get_norm_affine  # noqa: E402
 from tdmr_ray.registry import Registry  # noqa: E402
 
+from machine import forward_images_per_s  # noqa: E402  (bench/machine.py; the script's folder is on sys.path)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 HDR = "X-Device-Id"
 VARIANTS = {"serve": {}, "serve-throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
@@ -61,16 +63,6 @@ def summarize(raw: dict, images_per_request: int) -> dict:
             "images_per_s": round(rps * images_per_request, 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None}
-
-
-def in_process_images_per_s(model, x: torch.Tensor, seconds: float = 3.0) -> float:
-    with torch.inference_mode():
-        model(x)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            model(x)
-            n += 1
-    return n * len(x) / (time.perf_counter() - start)
 
 
 def main(argv=None):
@@ -92,7 +84,7 @@ def main(argv=None):
     model = create_model("resnet20", pretrained=True).eval()
     base = registry.publish_model("resnet20-cifar10", model, extra={"classes": data.classes})
     registry.publish_edge_params("edge-dev-0", get_norm_affine(model), base=base.ref)
-    compute = {n: round(in_process_images_per_s(model, data.tensors(slice(0, n))[0]), 1) for n in args.shapes}
+    compute = {n: round(forward_images_per_s(model, data.tensors(slice(0, n))[0], 3.0), 1) for n in args.shapes}
     rows, hot = [], {}
     minimal_port = free_port()
     minimal = subprocess.Popen([sys.executable, "-m", "serve.minimal", "--registry", reg_uri,

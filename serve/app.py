@@ -181,9 +181,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @serve.ingress(api)
 class EdgeModelServer:
     def __init__(self, **config):
+        self._init_state()
+        if config:  # bind() arguments; otherwise Serve calls reconfigure(user_config) next
+            self.reconfigure(config)
+
+    def _init_state(self) -> None:
+        """The replica's state before any configuration (tests build a replica without Serve from it)."""
         self.config = dict(DEFAULTS)
+        self.registry, self.api_key = None, ""
         self.model = None
         self.model_ref = ""
+        self.model_meta: dict = {}  # the served version's registry metadata (GET /models)
         self._sets: OrderedDict[str, ParamSet] = OrderedDict()  # device id -> set, least recently used first
         self._loading: dict[str, asyncio.Future] = {}  # device id -> its first load, shared by waiting requests
         self._poller: asyncio.Task | None = None
@@ -191,8 +199,6 @@ class EdgeModelServer:
         self._listed_at = 0.0
         # Where a replica's time goes (GET /models shows it; bench/serve.py reads it).
         self.timing = {"requests": 0, "decode_s": 0.0, "forward_s": 0.0, "encode_s": 0.0, "batches": 0, "images": 0}
-        if config:  # bind() arguments; otherwise Serve calls reconfigure(user_config) next
-            self.reconfigure(config)
 
     # -- configuration and reloading -------------------------------------------------------
     def reconfigure(self, user_config: dict) -> None:

@@ -114,3 +114,23 @@ def test_retried_calls_are_dropped_and_the_dedup_memory_stays_bounded(tmp_path):
     assert len(adapter.recent["d"]) <= 2 * 64 + 1
     stats = adapter.drain()
     assert stats["acked_uploads"] == 300 and stats["duplicates"] == 1
+
+
+def test_an_upload_acknowledged_during_a_checkpoint_is_counted_after_a_restore(tmp_path):
+    """A checkpoint records the counters and the last acknowledged seq together: an upload that
+    arrives while the checkpoint is being written counts again when the log is replayed (before,
+    the seq was read later than the counters: a resumed run processed more than it acknowledged)."""
+    images = np.random.default_rng(0).integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
+    first = make_adapter(tmp_path, "ckrace")
+    state_dict = first.core.state_dict
+
+    def state_dict_with_an_upload_meanwhile():
+        assert first.upload(UploadMessage("dev-1", images, 0, seq=1), "g", time.time())["status"] == "ok"
+        return state_dict()
+
+    first.core.state_dict = state_dict_with_an_upload_meanwhile
+    assert first.upload(UploadMessage("dev-0", images, 0, seq=0), "g", time.time())["status"] == "ok"
+    first.checkpoint()
+    stats = make_adapter(tmp_path, "ckrace").drain(timeout_s=120)
+    assert stats["restored_from"] == 1
+    assert stats["acked_samples"] == stats["processed_samples"] == 2 * 16

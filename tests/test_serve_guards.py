@@ -2,7 +2,6 @@
 unknown ids that cannot hammer the registry, the API key, registry reads off the event loop."""
 import asyncio
 import time
-from collections import OrderedDict
 
 import pytest
 
@@ -30,15 +29,13 @@ class CountingRegistry:
 
 def replica(registry, **config):
     """An EdgeModelServer as Serve would hold it after reconfigure, without Serve."""
-    from serve.app import DEFAULTS, EdgeModelServer
+    from serve.app import EdgeModelServer
 
     cls = EdgeModelServer.func_or_class
     server = cls.__new__(cls)
-    server.config = {**DEFAULTS, "params_prefix": "edge-", "poll_interval_s": 60.0, **config}
-    server.model, server.model_ref, server._poller = None, "", None
-    server._sets, server._loading, server._known, server._listed_at = OrderedDict(), {}, set(), 0.0
-    server.registry, server.api_key = registry, ""
-    server.timing = {"requests": 0}
+    server._init_state()
+    server.config.update({"params_prefix": "edge-", "poll_interval_s": 60.0, **config})
+    server.registry = registry
     return cls, server
 
 
@@ -93,7 +90,7 @@ def test_random_device_ids_list_the_registry_at_most_once_per_poll_interval(publ
 def test_registry_reads_do_not_block_the_event_loop(published):
     """A slow registry (0.3 s per read) while the replica refreshes a set and lists names: other
     coroutines (requests) keep running."""
-    from serve.app import ParamSet
+    from serve.app import ParamSet, UnknownDevice
 
     slow = CountingRegistry(published, delay_s=0.3)
     cls, server = replica(slow)
@@ -110,13 +107,16 @@ def test_registry_reads_do_not_block_the_event_loop(published):
 
         task = asyncio.create_task(ticker())
         await server._refresh(ParamSet("edge-fog", {}, ""))
-        with pytest.raises(Exception):
+        with pytest.raises(UnknownDevice):
             await server._load_param_set("nobody")
         task.cancel()
         return ticks
 
     assert asyncio.run(run()) >= 30  # ~0.9 s of reads; on the loop it would be 0 ticks
-    assert server.model_meta["name"] == "cema-edge" and server._describe()["model"] == "cema-edge@v1"
+    reads = dict(slow.calls)
+    described = server._describe()  # GET /models: the served version's metadata, no registry read
+    assert described["model"] == "cema-edge@v1" and described["format"] == server.model_meta["format"]
+    assert slow.calls == reads
 
 
 def test_api_key_is_required_when_set():

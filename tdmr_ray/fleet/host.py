@@ -136,6 +136,7 @@ class DeviceHost:
             if (sweep_index + 1) % self.cfg.round_batches == 0 or sweep_index + 1 == sweeps:
                 self._checkpoint()
                 release_freed_memory()
+                self.batches_since_trim = 0
         self._post_progress(wait=True)  # (the driver reads the totals once this call returns)
         return {"host": self.index, "seconds": time.perf_counter() - start,
                 "done": all(p >= self.cfg.batches_per_device for p in self.position.values())}
