@@ -105,26 +105,16 @@ def serve_run_on(cluster, out: Path) -> dict:
     nodes' resource, the registry is the scenario's own."""
     import subprocess
 
-    import numpy as np
     import ray
-    import requests
     import yaml
 
-    from serve.client import free_port, wait_healthy
-    from serve.codec import encode_array
-    from tdmr_ray.models import create_model, get_norm_affine
-    from tdmr_ray.registry import Registry
+    from serve.client import wait_healthy
+    from serve_setup import predict_fog, registry_and_config
 
-    registry = Registry(str(out / "registry"))
-    model = create_model("resnet20", pretrained=True).eval()
-    base = registry.publish_model("mn-edge", model)
-    registry.publish_edge_params("edge-mn-fog", get_norm_affine(model), base=base.ref)
-    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    port = free_port()
-    config.update(proxy_location="HeadOnly", http_options={**config["http_options"], "port": port})
+    config, port = registry_and_config(out, "mn")
+    config["proxy_location"] = "HeadOnly"
     deployment = config["applications"][0]["deployments"][0]
     deployment["ray_actor_options"] = {**deployment["ray_actor_options"], "resources": {"worker": 0.5}}
-    deployment["user_config"].update(registry=str(out / "registry"), model="mn-edge", params_prefix="edge-mn-")
     (out / "serve.yaml").write_text(yaml.safe_dump(config))
     serve_cli = str(Path(sys.executable).parent / "serve")
     deploy = subprocess.run([serve_cli, "run", "--non-blocking", "--address", cluster.address, str(out / "serve.yaml")],
@@ -132,10 +122,8 @@ def serve_run_on(cluster, out: Path) -> dict:
     try:
         if deploy.returncode != 0:
             raise RuntimeError(f"serve run failed: {deploy.stdout[-2000:]} {deploy.stderr[-2000:]}")
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, timeout=240)
-        r = requests.post(f"{url}/predict", json=encode_array(np.zeros((2, 32, 32, 3), np.uint8)),
-                          headers={"X-Device-Id": "fog"}, timeout=60)
+        wait_healthy(f"http://127.0.0.1:{port}", timeout=240)
+        r = predict_fog(port)
         # (from the GCS: this cluster runs no dashboard, so no state API)
         replicas = [a for a in ray._private.state.actors().values()
                     if "EdgeModelServer" in a["ActorClassName"] and a["State"] == "ALIVE"]

@@ -166,33 +166,19 @@ def test_serve_deploy_cli_serves_the_app_over_http(ray_start_cluster, tmp_path):
     """``serve deploy serve/config.yaml`` as README shows it (token mode exported), on the cluster:
     the app must import on the cluster's workers (the ``serve`` package is installed with the
     project), load the registry's model and answer with a device's parameter set."""
-    import requests
-
-    from serve.client import free_port, wait_healthy
-    from serve.codec import encode_array
-    from tdmr_ray.models import create_model, get_norm_affine
-    from tdmr_ray.registry import Registry
+    from serve.client import wait_healthy
+    from serve_setup import predict_fog, registry_and_config
 
     address, _ = ray_start_cluster
-    registry = Registry(str(tmp_path / "registry"))
-    model = create_model("resnet20", pretrained=True).eval()
-    base = registry.publish_model("deploy-edge", model)
-    registry.publish_edge_params("edge-deploy-fog", get_norm_affine(model), base=base.ref)
-    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    user = config["applications"][0]["deployments"][0]["user_config"]
-    user.update(registry=str(tmp_path / "registry"), model="deploy-edge", params_prefix="edge-deploy-")
+    config, port = registry_and_config(tmp_path, "deploy")
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     serve_cli = str(Path(sys.executable).parent / "serve")
     proc = subprocess.run([serve_cli, "deploy", str(tmp_path / "serve.yaml"), "--address", address],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, timeout=240)
-        x = np.zeros((2, 32, 32, 3), np.uint8)
-        r = requests.post(f"{url}/predict", json=encode_array(x), headers={"X-Device-Id": "fog"}, timeout=60)
+        wait_healthy(f"http://127.0.0.1:{port}", timeout=240)
+        r = predict_fog(port)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == "deploy-edge@v1" and r.json()["params"] == "edge-deploy-fog@v1"
     finally:
