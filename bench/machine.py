@@ -2,9 +2,10 @@
 unsent shares) only compare across runs on machines of the same speed.
 
 The reference speed is a ResNet-20 forward, batch 64, one torch thread, for about two seconds (the
-measure of bench/serve.py's in-process limit, which runs 3 s on real images): on the 2-core machines these benchmarks ran on it varied from
-240-262 (AMD EPYC, AVX2, 2.0 GHz; bench/results/machine.md) to 856 images/s (bench/results/serve.md), and the fleet's adapter
-throughput with it (17.3 against 58.9 samples/s in one process, bench/results/fleet*.md)."""
+measure of bench/serve.py's in-process limit, which runs 3 s on real images). On the 2-core machines
+these benchmarks ran on it varied from 240-262 (AMD EPYC, AVX2, 2.0 GHz; bench/results/machine.md) to
+856 images/s (bench/results/serve.md), and the fleet's adapter throughput with it (17.3 against 58.9
+samples/s in one process, bench/results/fleet*.md)."""
 from __future__ import annotations
 
 import os
