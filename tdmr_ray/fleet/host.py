@@ -4,9 +4,9 @@ Each device keeps only its own state (:class:`tdmr_ray.cema.EdgeDeviceState`: no
 affine parameters, TBR statistics, filter state, version, accounting) plus its stream position
 and score; between batches its parameters and statistics are rows of the host's
 :class:`~tdmr_ray.fleet.state_bank.StateBank` (a few stacked matrices, not ~100 tensors per
-device). Per batch a device applies its newest received parameters, runs the forward pass, filters, and sends its selected samples to its key's adapter shard without waiting for the
-answer; at most ``max_in_flight`` uploads per host are unanswered, further ones are dropped
-(counted).
+device). Per batch a device applies its newest received parameters, runs the forward pass,
+filters, and sends its selected samples to its key's adapter shard without waiting for the answer;
+at most ``max_in_flight`` uploads per host are unanswered, further ones are dropped (counted).
 
 Budget: every ``poll_interval_s`` the host reads each shard's version board
 (:meth:`CloudAdapterActor.poll`): the newest parameter version per key, which each of the key's
