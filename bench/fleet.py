@@ -12,7 +12,8 @@ Parts (``--parts``, all by default), each a table in bench/results/fleet.{json,m
    95% interval, overall and per group, refused and unsent shares of the candidate uploads,
    upload->applied latency, adapter throughput; and runs keyed by each of ``--paced-key-by`` whose
    devices run one batch every ``--paced-interval-s`` seconds (a camera's pace) instead of as fast
-   as one host core allows, so the candidates they produce fit the cloud's capacity.
+   as one host core allows, with ``--paced-adapters`` shards, so the candidates they produce fit the
+   cloud's capacity. ``--key-by`` with no value runs only the paced runs.
 3. ``sizes``: 64 / 256 / 1,024 devices: the full fleet, the same fleet with uploads off (hosts
    only, one per CPU) and a single-process loop over the same edge forwards (no Ray, best of 1
    thread and one thread per host). Ratio = edge-only fleet / single process; resident memory of
@@ -109,7 +110,7 @@ def adapter_shards(cfg: FleetConfig, work, shards: int, tmp: Path) -> dict:
 
 def part_adapter(args, tmp: Path) -> list[dict]:
     cfg = FleetConfig(storage=str(tmp / "store"), run_name="benchadapter", checkpoint_every_s=1e9,
-                      adapter_queue_samples=10**6)
+                      adapter_queue_samples=10**6, adapter_replay_idle_s=-1)  # new samples' steps only
     pools = {c: build_pool("cifar10-jpeg", c, 5, 500, 0) for c in cfg.corruptions}
     work = adapter_work(pools, args.adapter_uploads, balanced_keys(3))
     rows = [adapter_in_process(cfg, work)]
@@ -129,13 +130,14 @@ def fleet_run(tmp: Path, tag: str, **settings) -> dict:
 
 def part_lift(args, tmp: Path) -> list[dict]:
     rows = []
-    runs = [(key_by, 0.0) for key_by in args.key_by] + \
-        [(key_by, args.paced_interval_s) for key_by in args.paced_key_by if args.paced_interval_s]
-    for key_by, interval in runs:
-        m = fleet_run(tmp, f"lift{key_by}{int(interval)}", key_by=key_by, seed=args.seed, device_interval_s=interval,
-                      **FLEET_PRESETS["quick"])
+    runs = [(key_by, 0.0, 1) for key_by in args.key_by] + \
+        [(key_by, args.paced_interval_s, args.paced_adapters) for key_by in args.paced_key_by if args.paced_interval_s]
+    for key_by, interval, adapters in runs:
+        m = fleet_run(tmp, f"lift{key_by}{int(interval)}a{adapters}", key_by=key_by, seed=args.seed,
+                      device_interval_s=interval, adapters=adapters, **FLEET_PRESETS["quick"])
         lift = m["lift"]
-        rows.append({"key_by": key_by, "device_interval_s": interval, "accuracy": m["accuracy"], "treatment": lift["treatment_accuracy"],
+        rows.append({"key_by": key_by, "device_interval_s": interval, "adapters": adapters, "accuracy": m["accuracy"],
+                     "treatment": lift["treatment_accuracy"],
                      "control": lift["control_accuracy"], "lift": lift["lift"], "lift_ci95": lift["ci95"],
                      "lift_by_group": {g: [v["lift"], v["ci95"]] for g, v in m["lift_by_group"].items()},
                      "candidate_fraction": m["upload_fraction"], "sent_fraction": m["sent_fraction"],
@@ -143,6 +145,7 @@ def part_lift(args, tmp: Path) -> list[dict]:
                      "unsent_fraction": round(m["refused_or_unsent_fraction"] - m["refused_fraction"], 4),
                      "apply_latency_p50_s": m["apply_latency_s"]["p50"],
                      "apply_latency_p99_s": m["apply_latency_s"]["p99"],
+                     "publish_latency_p50_s": m.get("publish_latency_s", {}).get("p50"),
                      "adapter_samples_per_s": m["adapter_samples_per_s"],
                      "adapter_cpu_s_per_sample": m["adapter_cpu_s_per_sample"],
                      "fleet_samples_per_s": m["samples_per_s"], "stream_seconds": m["stream_seconds"]})
@@ -302,10 +305,12 @@ def main(argv=None):
                    choices=["adapter", "lift", "sizes", "faults"])
     p.add_argument("--kills", type=int, default=2, help="kills of each of host-0 and adapter-0 in the faults run")
     p.add_argument("--adapter-uploads", type=int, default=48)
-    p.add_argument("--key-by", nargs="+", default=["group", "device"])
+    p.add_argument("--key-by", nargs="*", default=["group", "device"], help="full-speed lift runs (none: only the paced ones)")
     p.add_argument("--paced-interval-s", type=float, default=180.0,
                    help="lift runs (keyed by each of --paced-key-by) whose devices run one batch per this many seconds (0: none)")
     p.add_argument("--paced-key-by", nargs="+", default=["group"])
+    p.add_argument("--paced-adapters", type=int, default=1,
+                   help="adapter shards of the paced runs (the full-speed runs use one)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--batches-per-device", type=int, default=2)
     p.add_argument("--edge-only-max-devices", type=int, default=1024,
@@ -329,10 +334,10 @@ def main(argv=None):
         if "lift" in args.parts:
             result["lift"] = part_lift(args, Path(tmp))
             lines += ["Lift of the quickstart's fleet (256 devices, 3 batches, treatment - control):", ""]
-            lines += table(result["lift"], ["key_by", "device_interval_s", "accuracy", "treatment", "control", "lift", "lift_ci95",
+            lines += table(result["lift"], ["key_by", "device_interval_s", "adapters", "accuracy", "treatment", "control", "lift", "lift_ci95",
                                             "lift_by_group", "candidate_fraction", "sent_fraction", "refused_fraction",
                                             "unsent_fraction", "apply_latency_p50_s", "apply_latency_p99_s",
-                                            "adapter_samples_per_s", "adapter_cpu_s_per_sample"]) + [""]
+                                            "publish_latency_p50_s", "adapter_samples_per_s", "adapter_cpu_s_per_sample"]) + [""]
         if "sizes" in args.parts:
             result["sizes"] = part_sizes(args, Path(tmp), cpus)
             lines += [f"Fleet sizes ({args.batches_per_device} batches of 64 per device):", ""]

@@ -19,9 +19,21 @@ def upload(device: str, batch: int, n: int = 16) -> UploadMessage:
     return UploadMessage(device, images, 0, RNG.random(n).astype(np.float32), seq=batch)
 
 
+_STARTED: list[CloudAdapterActor] = []
+
+
 def make_adapter(tmp_path, name="a", **cfg) -> CloudAdapterActor:
     cfg = FleetConfig(storage=str(tmp_path / "store"), run_name=name, checkpoint_every_s=1000, **cfg)
-    return CloudAdapterActor(cfg, str(tmp_path / name), "x@v1")
+    _STARTED.append(CloudAdapterActor(cfg, str(tmp_path / name), "x@v1"))
+    return _STARTED[-1]
+
+
+@pytest.fixture(autouse=True)
+def stop_adapters():
+    """In-process shards' worker threads end with their test (an idle shard would keep replaying)."""
+    yield
+    while _STARTED:
+        _STARTED.pop().stop()
 
 
 def test_budget_keeps_the_lowest_entropy_samples_in_batch_order():
@@ -32,11 +44,29 @@ def test_budget_keeps_the_lowest_entropy_samples_in_batch_order():
     assert cut.seq == 3 and cut.device_id == "d"
 
 
+def test_upload_budget_spends_the_advertised_rate_at_full_speed_and_at_a_camera_pace():
+    from tdmr_ray.fleet.budget import UploadBudget
+
+    fast = UploadBudget(min_upload=8, burst_s=2.0)
+    assert fast.allow("g", 20, now=0.0) == 20  # no rate known yet: send, the shard refuses what it cannot hold
+    fast.set_rate("g", 5.0, now=0.0)
+    sent = [fast.allow("g", 20, now=0.1 * i) for i in range(1, 101)]  # 10 s of uploads every 0.1 s
+    assert 45 <= sum(sent) <= 5.0 * 10 + 10 and all(n == 0 or n >= 8 for n in sent)  # the rate, no tiny messages
+    paced = UploadBudget(min_upload=8, burst_s=2.0)
+    paced.set_rate("g", 5.0, now=0.0)
+    sent = [paced.allow("g", 20, now=4.0 * i) for i in range(1, 8)]  # one upload of 20 candidates every 4 s
+    # the first upload has no gap yet (2 s of rate); then each gets the 4 s of rate since the previous one
+    assert sent == [10] + [20] * 6
+    paced.set_rate("g", 1.0)
+    assert paced.allow("g", 20, now=32.0) == 0  # 4 tokens: fewer than min_upload, kept back
+
+
 def test_keys_hash_to_shards_stably_and_a_shard_refuses_foreign_keys(tmp_path):
     assert [shard_of(f"dev-{i:05d}", 4) for i in range(8)] == [shard_of(f"dev-{i:05d}", 4) for i in range(8)]
     assert len({shard_of(f"dev-{i:05d}", 4) for i in range(64)}) == 4  # every shard gets keys
     adapter = CloudAdapterActor(FleetConfig(storage=str(tmp_path / "s"), run_name="sh", checkpoint_every_s=1000),
                                 str(tmp_path / "sh"), "x@v1", shard=1, shards=2)
+    _STARTED.append(adapter)
     foreign = next(k for k in ("g0", "g1", "g2", "g3") if shard_of(k, 2) == 0)
     reply = adapter.upload(upload("d", 1), foreign, time.time())
     assert reply["status"] == "rejected" and "shard 0" in reply["error"]
@@ -49,12 +79,44 @@ def test_versions_reach_the_board_and_rates_are_advertised(tmp_path):
     assert all(r["status"] == "ok" and r["rate"] > 0 for r in replies)
     adapter.drain()
     board = adapter.poll({}, ["g", "other"])
-    version, params, sent_at = board["updates"]["g"]
-    assert version >= 1 and params and sent_at <= time.time()
+    version, params, sent_at, trigger_version = board["updates"]["g"]
+    assert version >= 1 and params and sent_at <= time.time() and trigger_version == version
     assert adapter.poll({"g": version}, ["g"])["updates"] == {}  # nothing newer than what the host has
     assert set(board["rates"]) == {"g", "other"}
     # one step per full cloud batch (6 x 16 = 96 samples = 3 batches), no replay-only steps while queued
     assert adapter.stats()["steps"] >= 3 and adapter.stats()["processed_samples"] == 96
+
+
+def test_replay_only_steps_run_only_once_the_shard_is_idle_and_do_not_count_as_capacity(tmp_path):
+    """New samples first: a key is owed one replay-only step per upload that completed no cloud batch
+    (at most REPLAY_CREDIT_CAP), paid only after adapter_replay_idle_s without uploads; those steps
+    publish versions that carry the last upload's trigger on, and leave the busy time the advertised
+    capacity is measured from alone. A long idle time holds them back; a negative one switches them off."""
+    from tdmr_ray.fleet.adapter import REPLAY_CREDIT_CAP
+    from tdmr_ray.fleet.config import fleet_cema_config
+
+    cema = fleet_cema_config()
+    cema.cloud.batch_size, cema.cloud.replay_min = 16, 64
+    shards = {idle_s: make_adapter(tmp_path, f"idle{idle_s}", cema=cema, adapter_replay_idle_s=idle_s)
+              for idle_s in (0.3, 30.0, -1.0)}
+    for adapter in shards.values():  # 12 half batches: 6 steps, and 6 uploads that completed none
+        assert all(adapter.upload(upload("d", i, n=8), "g", time.time())["status"] == "ok" for i in range(12))
+        adapter.drain()
+    idle = shards[0.3]
+    work = idle.stats()
+    assert work["steps"] == 6 and work["processed_samples"] == 96
+    deadline = time.time() + 60
+    while idle.stats()["replay_only_steps"] < REPLAY_CREDIT_CAP:
+        assert time.time() < deadline, "an idle shard paid no replay-only step"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stats = idle.stats()
+    assert stats["replay_only_steps"] == REPLAY_CREDIT_CAP  # owed steps only, not one per idle second
+    assert stats["steps"] == 6 and stats["busy_s"] == work["busy_s"] and stats["replay_only_s"] > 0
+    version, _, sent_at, trigger_version = idle.poll({}, ["g"])["updates"]["g"]
+    assert version == 6 + REPLAY_CREDIT_CAP and trigger_version == 6 and sent_at is not None
+    for held_back in (shards[30.0], shards[-1.0]):
+        assert held_back.stats()["replay_only_steps"] == 0 and held_back.poll({}, ["g"])["updates"]["g"][0] == 6
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):

@@ -19,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 CEMA_SMALL = ["--devices", "6", "--batches-per-device", "2", "--pool-size", "128", "--batch-size", "32",
               "--corruptions", "fog", "--no-plot"]
+# The pipeline on a tiny budget (the float-edge fleet is the same call with the TDMR target as --edge:
+# skipped for time).
+PIPELINE_TINY = [
+    "--foundation", "resnet20", "--devices", "8", "--labelled-fraction", "0.002", "--no-float-fleet",
+    "--tdmr-args", "--tdmr.teacher.steps 2 --tdmr.teacher.batch-size 8 --tdmr.distill.steps 2 "
+                   "--tdmr.distill.labelled-batch-size 8 --tdmr.distill.unlabelled-batch-size 8 "
+                   "--report-every 2 --num-workers 1 --eval-limit 64",
+    "--gdfq-args", "--gdfq.epochs 1 --gdfq.iters-per-epoch 1 --gdfq.batch-size 8 --gdfq.warmup-epochs 0 "
+                   "--gdfq.range-update-epochs 1 --gdfq.lr-milestones 1 --num-workers 1 --eval-limit 64",
+    "--fleet-args", "--batches-per-device 2 --pool-size 64 --batch-size 16 --hosts 1 --cema.cloud.batch-size 8"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -152,6 +162,38 @@ def test_gdfq_and_tdmr_jobs_and_their_sweeps_submitted_together_all_finish(ray_s
         else:  # the job ran its own Train run to the end and published its model
             assert summary["job"] == name.removeprefix("job-") and summary["registry_version"], summary
             assert m["world_size"] == 1
+
+
+def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_resumes(ray_start_cluster):
+    """README's ``ray job submit ... jobs/pipeline.py``: every stage (TDMR -> GDFQ -> fleet -> Serve) runs as
+    one job on the cluster; the same submission again finds every stage recorded and redoes nothing."""
+    from tdmr_ray.registry import Registry
+
+    address, tmp = ray_start_cluster
+    out, store = tmp / "pipeline-out", str(tmp / "store")
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    command = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+               "python", "jobs/pipeline.py", *PIPELINE_TINY, "--output-dir", str(out), "--storage", store]
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), proc.stdout[-3000:] + proc.stderr[-3000:]
+        stages = json.loads((out / "summary.json").read_text())["metrics"]["stages"]
+        assert list(stages) == ["tdmr", "gdfq", "fleet", "serve"]
+        registry = Registry.for_storage(store)
+        assert stages["tdmr"]["ref"] == "pipeline-target@v1" and stages["gdfq"]["ref"] == "pipeline-quantized@v1"
+        assert registry.meta("pipeline-quantized", 1)["parent"] == "pipeline-target@v1"
+        assert stages["fleet"]["quantized"]["edge"] == "pipeline-quantized@v1" and set(stages["fleet"]) == {"quantized"}
+        assert stages["serve"]["model"] == "pipeline-quantized@v1" and 0 <= stages["serve"]["prediction"] < 10
+        report = (out / "report.md").read_text()
+        assert "pipeline-quantized@v1" in report and "lift vs control" in report and (out / "pipeline.png").exists()
+
+        again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "stage tdmr ..." not in again.stdout and "stage fleet ..." not in again.stdout, again.stdout[-3000:]
+        assert json.loads((out / "summary.json").read_text())["metrics"]["stages"] == stages
+        assert registry.versions("pipeline-target") == [1] and registry.versions("pipeline-quantized") == [1]
+    finally:  # on a cluster the pipeline's Serve app outlives the job: leave the cluster as found
+        subprocess.run([serve_cli, "shutdown", "-y", "--address", address], capture_output=True, timeout=120)
 
 
 def test_job_submit_without_the_token_mode_is_refused(ray_start_cluster, monkeypatch):

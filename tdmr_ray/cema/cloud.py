@@ -121,9 +121,9 @@ class CloudAdapter:
         (default: its device id); run the cloud steps it completes; return the newest update,
         or None when no step ran. Malformed uploads raise ValueError and change nothing.
 
-        ``replay_only=False`` skips the replay-only step of an upload that completes no batch
-        (the fleet's adapter, whose queue holds more uploads of the key: their samples complete
-        the batch, and a replay-only step would only spend the cloud's time)."""
+        ``replay_only=False`` skips the replay-only step of an upload that completes no batch; the
+        caller may run it later with :meth:`replay_step` (the fleet's adapter does, in its idle time,
+        so that new samples go first)."""
         try:
             self.validate(upload)
         except ValueError:
@@ -159,10 +159,19 @@ class CloudAdapter:
             stepped = True
         if self.sample_stats:
             ks.bank.prune(_ids(ks.replay_ids, len(ks.replay)), _ids(ks.pending_ids, len(ks.pending)))
-        if not stepped and replay_only and self.cfg.cloud.replay_only_steps and len(ks.replay) > self.cfg.cloud.replay_min:
-            self._step(ks, None)
-            stepped = True
+        if not stepped and replay_only:
+            return self.replay_step(key or upload.device_id)
         return self.update_for(key or upload.device_id) if stepped else None
+
+    def replay_step(self, key: str) -> UpdateMessage | None:
+        """One replay-only step for ``key`` (distillation on ``replay_only_multiple`` x batch_size
+        buffered samples), if replay-only steps are on and its buffer holds more than ``replay_min``;
+        returns the new update, or None when no step ran."""
+        ks = self.keys.get(key)
+        if ks is None or not self.cfg.cloud.replay_only_steps or len(ks.replay) <= self.cfg.cloud.replay_min:
+            return None
+        self._step(ks, None)
+        return self.update_for(key)
 
     @torch.no_grad()
     def predict(self, key: str, images) -> torch.Tensor:

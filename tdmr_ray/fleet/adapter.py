@@ -8,7 +8,8 @@ part per upload under ``uploads/`` of the run's store, local or S3; compacted in
 checkpoint), queues them on the key's queue and acknowledges. A worker thread serves the keys'
 queues round-robin (fair share: one busy group cannot starve another), takes up to
 ``coalesce`` cloud batches of one key at a time, runs CEMA's cloud steps
-(:class:`tdmr_ray.cema.CloudAdapter`; no replay-only step while uploads wait) and publishes the
+(:class:`tdmr_ray.cema.CloudAdapter`; replay-only steps only once the shard has been idle for
+``adapter_replay_idle_s``) and publishes the
 newest parameters once per turn to the registry (``edge-<run>-<key>``, what Serve reads) and to the
 shard's *version board*, which hosts read with :meth:`CloudAdapterActor.poll` between device
 batches: new versions reach devices without any registry polling.
@@ -49,6 +50,7 @@ from ..storage import RunStore
 from .upload_log import WAL_SCHEMA, compact, group_by_seq, last_seq, log_files, read_uploads, retry, write_parquet
 
 RECENT_BATCHES = 64  # per device: batch numbers remembered to drop retried calls
+REPLAY_CREDIT_CAP = 4  # replay-only steps a key may be owed (a busy shard does not pile up a backlog)
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -77,7 +79,7 @@ class CloudAdapterActor:
         self.counters = {"acked_uploads": 0, "acked_samples": 0, "busy": 0, "rejected": 0, "duplicates": 0,
                          "log_failures": 0, "processed_samples": 0, "failed_steps": 0, "steps": 0, "published": 0,
                          "publish_failures": 0, "checkpoints": 0, "checkpoint_failures": 0, "restored_from": 0,
-                         "replayed_samples": 0, "busy_s": 0.0}
+                         "replayed_samples": 0, "busy_s": 0.0, "replay_only_steps": 0, "replay_only_s": 0.0}
         self.rejections: list[str] = []
         self.seq = 0
         self.recent: dict[str, set[int]] = {}  # device -> recent batch numbers (dedup of retried calls)
@@ -88,15 +90,20 @@ class CloudAdapterActor:
         self.in_process: set[int] = set()  # seqs taken by the worker, not yet done
         self.processed_above: set[int] = set()  # done seqs above wal_low
         self.wal_low = 0  # every seq <= wal_low is processed
-        self.board: dict[str, tuple[int, dict, float]] = {}  # key -> (version, params, oldest sent_at)
+        # key -> (version, params, sent_at, trigger version): sent_at = when the oldest upload of the newest
+        # version that included new uploads (the trigger) left its device (None before any)
+        self.board: dict[str, tuple[int, dict, float | None, int]] = {}
+        self.replay_credit: dict[str, int] = {}  # key -> replay-only steps owed (uploads that completed no batch)
         self.capacity = 2.0 * self.batch  # samples per busy second, measured from the first turn on
         self._work_ema = [2.0 * self.batch, 1.0]  # moving sums of (samples, busy seconds) per turn
         self.cv = threading.Condition()  # guards the bookkeeping above (held briefly)
         self.core_lock = threading.Lock()  # the adaptation state (held for a whole turn)
         self.last_checkpoint = time.monotonic()
+        self.last_work = time.monotonic()  # the end of the last turn on new samples (idle replay waits on it)
         self.cpu_start = time.process_time()
         self.latencies: list[float] = []
         self._restore()
+        self.stopping = threading.Event()
         self.worker = threading.Thread(target=self._work, daemon=True)
         self.worker.start()
 
@@ -141,7 +148,8 @@ class CloudAdapterActor:
 
     def poll(self, have: dict[str, int], keys: list[str]) -> dict:
         """The version board: newer parameter sets than ``have`` (key -> version) for ``keys``, as
-        {key: (version, params, oldest trigger sent_at)}, and the upload rate (samples/s) per key."""
+        {key: (version, params, sent_at, trigger version)} (see ``self.board``), and the upload rate
+        (samples/s) per key."""
         with self.cv:
             updates = {k: self.board[k] for k in keys if k in self.board and self.board[k][0] > have.get(k, 0)}
             return {"updates": updates, "rates": {k: self._rate(k) for k in keys}}
@@ -164,6 +172,14 @@ class CloudAdapterActor:
                 self.cv.wait(0.5)
         self.checkpoint()
         return self.stats()
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """Stop the worker thread after its current step (an in-process shard; an actor ends with its
+        process). Queued uploads stay in the log for a restart."""
+        self.stopping.set()
+        with self.cv:
+            self.cv.notify_all()
+        self.worker.join(timeout_s)
 
     def checkpoint(self) -> None:
         with self.core_lock:  # between two turns: the state and the processed seqs agree
@@ -279,14 +295,20 @@ class CloudAdapterActor:
         return None
 
     def _work(self) -> None:
-        while True:
+        while not self.stopping.is_set():
+            replay_key = None
             with self.cv:
                 turn = self._take_turn()
                 if turn is None:
-                    self.cv.wait(1.0)
-                idle = not any(len(q) for q in self.queues.values())
+                    idle_s = self.cfg.adapter_replay_idle_s
+                    self.cv.wait(1.0 if idle_s < 0 else min(1.0, max(0.05, idle_s)))
+                    replay_key = self._idle_replay_key()
+            if self.stopping.is_set():
+                break
             if turn is not None:
-                self._run_turn(*turn, replay_only=idle)
+                self._run_turn(*turn)
+            elif replay_key is not None:
+                self._run_replay_turn(replay_key)
             if time.monotonic() - self.last_checkpoint > self.cfg.checkpoint_every_s:
                 try:
                     self.checkpoint()
@@ -295,31 +317,44 @@ class CloudAdapterActor:
                     self.last_checkpoint = time.monotonic()
                     print(f"[adapter {self.shard}] checkpoint failed: {exc}", flush=True)
 
-    def _run_turn(self, key: str, taken: list, replay_only: bool) -> None:
+    def _idle_replay_key(self) -> str | None:
+        """The next key (round-robin) owed a replay-only step, once nothing has been queued for
+        ``adapter_replay_idle_s``; None while uploads wait or came recently, or none is owed (under
+        the cv). As the reference, a key is owed one step per upload that completed no cloud batch
+        (at most ``REPLAY_CREDIT_CAP`` kept), so replay work follows uploads, not idle wall time."""
+        if self.cfg.adapter_replay_idle_s < 0 or any(self.queued.values()) or self.in_process:
+            return None
+        if time.monotonic() - self.last_work < self.cfg.adapter_replay_idle_s:
+            return None
+        for _ in range(len(self.order)):
+            key = self.order[0]
+            self.order.rotate(-1)
+            if self.replay_credit.get(key, 0) > 0:
+                self.replay_credit[key] -= 1
+                return key
+        return None
+
+    def _run_turn(self, key: str, taken: list) -> None:
+        """The cloud steps of ``taken`` (queued uploads of ``key``) and one publish of the result.
+        No replay-only step here: those run only when the shard is idle (:meth:`_run_replay_turn`), so
+        new samples always go first and the measured capacity is that of new samples."""
         start = time.perf_counter()
         update, steps, failed = None, 0, 0
         with self.core_lock:
-            for i, (seq, msg, _) in enumerate(taken):
+            owed = 0
+            for seq, msg, _ in taken:
                 try:
                     before = self.core.keys[key].steps if key in self.core.keys else 0
-                    # replay-only steps only when nothing else waits: new samples teach more
-                    out = self.core.process(msg, key, replay_only=replay_only and i == len(taken) - 1)
+                    out = self.core.process(msg, key, replay_only=False)
                     steps += self.core.keys[key].steps - before
+                    owed += out is None  # (the reference would run a replay-only step for it now)
                     update = out or update
                 except Exception as exc:  # a failing step must not stop the adapter
                     failed += 1
                     print(f"[adapter {self.shard}] step on upload {seq} failed: {exc}", flush=True)
             busy = time.perf_counter() - start
-            published = None
-            if update is not None:
-                try:
-                    published = retry(lambda: self.registry.publish_edge_params(
-                        self.prefix + key, update.params, base=self.base_ref,
-                        extra={"adapter_version": update.version, "trigger_sent_at": taken[0][2],
-                               "run_id": self.run_id, "trigger": f"{taken[0][1].device_id}#{taken[0][1].seq}"}),
-                        f"publishing {self.prefix + key}")
-                except OSError as exc:
-                    print(f"[adapter {self.shard}] {exc}", flush=True)
+            trigger = (taken[0][2], f"{taken[0][1].device_id}#{taken[0][1].seq}")
+            published = self._publish(key, update, trigger) if update is not None else None
             n = sum(len(m) for _, m, _ in taken)
             with self.cv:
                 for seq, _, _ in taken:
@@ -334,13 +369,59 @@ class CloudAdapterActor:
                 # a ratio of moving sums: a turn that only fills a batch costs ~0 s, the next one pays
                 self._work_ema = [0.9 * self._work_ema[0] + 0.1 * n, 0.9 * self._work_ema[1] + 0.1 * busy]
                 self.capacity = self._work_ema[0] / max(self._work_ema[1], 1e-6)
-                if published is not None:
-                    self.counters["published"] += 1
-                    self.board[key] = (published.version, update.params, taken[0][2])
-                    self.latencies.append(time.time() - taken[0][2])
-                elif update is not None:
-                    self.counters["publish_failures"] += 1
+                self.last_work = time.monotonic()
+                self.replay_credit[key] = min(REPLAY_CREDIT_CAP, self.replay_credit.get(key, 0) + owed)
+                self._board(key, update, published, trigger[0])
                 self.cv.notify_all()
+
+    def _run_replay_turn(self, key: str) -> None:
+        """One replay-only step for ``key`` (the reference distils on replayed samples whenever an edge
+        batch completes no cloud batch); the shard runs them only in its idle time, timed apart from
+        the capacity it advertises."""
+        start = time.perf_counter()
+        with self.core_lock:
+            try:
+                update = self.core.replay_step(key)
+            except Exception as exc:  # a failing step must not stop the adapter
+                update = None
+                with self.cv:
+                    self.counters["failed_steps"] += 1
+                print(f"[adapter {self.shard}] replay-only step of {key} failed: {exc}", flush=True)
+            published = self._publish(key, update, None) if update is not None else None
+            with self.cv:
+                if update is not None:
+                    self.counters["replay_only_steps"] += 1
+                    self.counters["replay_only_s"] += time.perf_counter() - start
+                self._board(key, update, published, None)
+
+    def _publish(self, key: str, update, trigger: tuple[float, str] | None):
+        """``update`` to the registry (what Serve reads); the version, or None when the write failed."""
+        extra = {"adapter_version": update.version, "run_id": self.run_id,
+                 "trigger": trigger[1] if trigger else "replay-only step"}
+        if trigger:
+            extra["trigger_sent_at"] = trigger[0]
+        try:
+            return retry(lambda: self.registry.publish_edge_params(self.prefix + key, update.params,
+                                                                   base=self.base_ref, extra=extra),
+                         f"publishing {self.prefix + key}")
+        except Exception as exc:  # counted as a publish failure; the worker must go on
+            print(f"[adapter {self.shard}] publishing {self.prefix + key} failed: {exc}", flush=True)
+            return None
+
+    def _board(self, key: str, update, published, sent_at: float | None) -> None:
+        """Post a published version on the board (under the cv). ``sent_at``: when the oldest upload it
+        is the first to include left its device; None for a replay-only step, whose entry carries the
+        previous trigger on (a host that missed that version still measures its upload's latency)."""
+        if published is not None:
+            self.counters["published"] += 1
+            if sent_at is not None:
+                self.board[key] = (published.version, update.params, sent_at, published.version)
+                self.latencies.append(time.time() - sent_at)
+            else:
+                _, _, trigger_at, trigger_version = self.board.get(key, (0, None, None, 0))
+                self.board[key] = (published.version, update.params, trigger_at, trigger_version)
+        elif update is not None:
+            self.counters["publish_failures"] += 1
 
     def _advance_low(self) -> None:
         while self.wal_low + 1 in self.processed_above:

@@ -56,11 +56,19 @@ class FleetConfig(CommonConfig):
     # stay below it by spending the rate each shard advertises, so refusals are rare.
     adapter_queue_samples: int = 1024
     adapter_coalesce: int = 1  # cloud batches of one key a shard takes per turn (one publish per turn)
+    # A shard pays the replay-only steps a key is owed (CEMA's: one per upload that completed no cloud
+    # batch) once no upload has waited for this many seconds; its advertised capacity counts new samples'
+    # steps only. (Run after any turn that left the queues empty, their time counted as new-sample work
+    # and lowered the advertised capacity; where shards share cores, a lightly loaded shard's replay also
+    # took the cores a busy one needed.) Negative: never.
+    adapter_replay_idle_s: float = 1.0
     adapter_target_queue_s: float = 1.5  # the queue each key's advertised rate aims at, in seconds of work
     poll_interval_s: float = 0.25  # hosts read the shards' version boards (new versions, rates) this often
     poll_timeout_s: float = 2.0
     min_upload: int = 8  # a device sends no fewer samples than this (or all it has): no tiny messages
-    burst_s: float = 2.0  # a host's token bucket holds at most this many seconds of a key's rate
+    # A host's token bucket holds at most this many seconds of a key's rate, or the time between two of
+    # the key's uploads from that host if longer (paced devices: tdmr_ray.fleet.budget)
+    burst_s: float = 2.0
     checkpoint_every_s: float = 20.0  # adapter state -> registry; uploads in between are in the log
     round_batches: int = 1  # batches per device between two host checkpoints
     progress_interval_s: float = 5.0  # hosts post running totals, the driver prints a progress line, this often

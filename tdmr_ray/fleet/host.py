@@ -11,9 +11,10 @@ at most ``max_in_flight`` uploads per host are unanswered, further ones are drop
 Budget: every ``poll_interval_s`` the host reads each shard's version board
 (:meth:`CloudAdapterActor.poll`): the newest parameter version per key, which each of the key's
 treatment devices takes before its next batch, and the upload rate per key the shard can process.
-The host spends that rate (split over the hosts) as a token bucket per key: a device sends its lowest-entropy candidates
-(the most reliable, as CEMA's filter ranks them) within the budget and keeps the rest ("unsent",
-counted), so bandwidth goes only to samples the cloud will use.
+The host spends that rate (split over the hosts) as a token bucket per key
+(:mod:`tdmr_ray.fleet.budget`): a device sends its lowest-entropy candidates (the most reliable, as
+CEMA's filter ranks them) within the budget and keeps the rest ("unsent", counted), so bandwidth goes
+only to samples the cloud will use.
 
 After every ``round_batches`` batches per device the host checkpoints all device states (as columns:
 one stacked tensor per state key) to ``hosts/host-<i>.safetensors`` in the run's store on the job's storage (local or S3, so a host restarted on another node finds it); a
@@ -37,6 +38,7 @@ from ..runtime import resolve_model
 from ..storage import RunStore
 from . import streams
 from .adapter import shard_of
+from .budget import UploadBudget
 from .state_bank import StateBank, pack_columns, unpack_columns
 from .streams import DeviceStream
 
@@ -86,9 +88,7 @@ class DeviceHost:
         self.correct = dict.fromkeys(self.devices, 0)
         self.counters = dict.fromkeys(HOST_COUNTERS, 0)
         self.key_version: dict[str, int] = {}
-        self.rate: dict[str, float] = {}  # key -> samples/s this host may send (its share of the shard's)
-        self.tokens = dict.fromkeys(self.keys, 0.0)
-        self.refilled = dict.fromkeys(self.keys, time.monotonic())
+        self.budget = UploadBudget(cfg.min_upload, cfg.burst_s)  # per key: this host's share of its shard's rate
         self.last_poll = 0.0
         self.batches_since_trim = 0
         self.in_flight: list = []  # (ref, n_samples)
@@ -182,7 +182,7 @@ class DeviceHost:
         finally:
             self.bank.park(self.row[d], state)
         offered, sent_at = self.trigger_sent_at.get(self.key[d], (0, 0.0))
-        if state.version != before and state.version == offered:
+        if before < offered <= state.version:  # the first version this device applies with that upload in it
             self.latencies.append(time.time() - sent_at)
         self.correct[d] += int((result.predictions.numpy() == labels[idx]).sum())
         self.position[d] = b + 1
@@ -202,19 +202,11 @@ class DeviceHost:
         self.in_flight.append((adapter.upload.remote(upload, self.key[d], time.time()), len(upload)))
 
     def _within_budget(self, key: str, upload: UploadMessage) -> UploadMessage | None:
-        """The part of ``upload`` the key's token bucket pays for (None: nothing is sent)."""
-        if key not in self.rate:  # no rate known yet: send, the shard refuses what it cannot hold
-            return upload
-        now, rate = time.monotonic(), self.rate[key]
-        cap = max(self.cfg.min_upload, rate * self.cfg.burst_s)  # at most burst_s of rate, at least min_upload
-        self.tokens[key] = min(cap, self.tokens[key] + rate * (now - self.refilled[key]))
-        self.refilled[key] = now
-        n = min(len(upload), int(self.tokens[key]))
-        if n < min(len(upload), self.cfg.min_upload):  # too few to be worth a message: wait for more
-            self.counters["unsent"] += len(upload)
-            return None
-        self.tokens[key] -= n
+        """The part of ``upload`` the key's budget pays for (None: nothing is sent)."""
+        n = self.budget.allow(key, len(upload))
         self.counters["unsent"] += len(upload) - n
+        if n == 0:
+            return None
         return upload if n == len(upload) else lowest_entropy(upload, n)
 
     def _collect(self, block: bool) -> None:
@@ -248,12 +240,13 @@ class DeviceHost:
             return
         for board in boards:
             for key, rate in board["rates"].items():
-                self.rate[key] = rate / self.n_hosts
-            for key, (version, params, sent_at) in board["updates"].items():
+                self.budget.set_rate(key, rate / self.n_hosts)
+            for key, (version, params, sent_at, trigger_version) in board["updates"].items():
                 if version <= self.key_version.get(key, 0):
                     continue
                 self.key_version[key] = version
-                self.trigger_sent_at[key] = (version, sent_at)
+                if sent_at is not None:  # the newest version that included new uploads, and when they left
+                    self.trigger_sent_at[key] = (trigger_version, sent_at)
                 self.newest_update[key] = UpdateMessage(key, version, params)
 
     # -- reporting and checkpoints -------------------------------------------------------------
