@@ -9,8 +9,9 @@ few milliseconds and ``burst_s`` bounds the bursts; when devices run at a camera
 uploads come seconds apart, each with a whole batch's candidates, and a bucket capped at ``burst_s``
 would overflow between them: tokens the shard offered would be lost while the candidates that
 arrive later are kept back. (Before the gap term, 256 devices at one batch per 360 s, three group
-keys, two shards: a key's uploads came ~4 s apart with ~20 candidates each, its bucket held ~2 s of
-rate, and 40% of the candidates stayed unsent.)
+keys, two shards: a key's uploads came ~4 s apart with ~20 candidates each and its bucket held ~2 s
+of rate. 40% of the candidates stayed unsent in that run, this and the shards' replay accounting
+together; 5.8% with both fixed, README.)
 """
 from __future__ import annotations
 
