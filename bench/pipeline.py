@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline-args", default="", help="more flags for jobs/pipeline.py (one string)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--tag", default="")
+    p.add_argument("--keep", default="", help="run in this (new) directory and keep it, registry included, "
+                                              "instead of a temporary one")
     return p.parse_args(argv)
 
 
@@ -70,6 +72,9 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        if args.keep and Path(args.keep).exists():
+            raise SystemExit(f"--keep {args.keep} exists: name a new directory (a stale run would be resumed)")
+        tmp = args.keep or tmp
         out = Path(tmp) / "run"
         cmd = [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--preset", args.preset, "--output-dir", str(out),
                "--storage", str(Path(tmp) / "store")] + shlex.split(args.pipeline_args)
@@ -93,7 +98,7 @@ def main(argv=None) -> dict:
               "stage_seconds": stage_seconds, "stages": stages, "report_md": report_md,
               "targets": targets(stages, total_s)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"pipeline{'_' + args.tag if args.tag else ''}"
+    stem = "pipeline" + (f"_{args.tag.lstrip('_')}" if args.tag else "")
     write_atomic(args.out_dir / f"{stem}.json", json.dumps(report, indent=1, default=str).encode())
     write_atomic(args.out_dir / f"{stem}.md", markdown(report).encode())
     print("\n".join(report["targets"]))

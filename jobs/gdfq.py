@@ -51,11 +51,15 @@ def main(argv=None) -> dict:
                "world_size": (result.metrics or {}).get("world_size"),
                "worker_nodes": (result.metrics or {}).get("worker_nodes"),
                "train_images_per_s": round((result.metrics or {}).get("images_per_s", 0.0), 1),
+               # how far the generator got: the share of its images the FP model labels as intended
+               "generator_agreement": round(history[-1]["fp_acc_generated"], 1),
                "history": history, "ray_train_path": result.path}
     headline = {"FP top-1 clean / JPEG": f"{fp_acc['clean']:.2f}% / {fp_acc['jpeg']:.2f}%",
                 f"W{cfg.w_bits}A{cfg.a_bits} top-1 clean / JPEG (final model)": f"{q_acc['clean']:.2f}% / {q_acc['jpeg']:.2f}%",
                 "ONNX QDQ (onnxruntime) top-1 clean / JPEG": f"{onnx_acc['clean']:.2f}% / {onnx_acc['jpeg']:.2f}% "
                                                              f"({len(onnx_model) / 1024:.0f} KiB, model.onnx)",
+                "generated images labelled as intended by the FP model (last epoch)":
+                    f"{metrics['generator_agreement']}%",
                 "registry version": version}
     return run.finish(metrics, headline, registry_version=version)
 

@@ -249,6 +249,26 @@ def test_kd_loss_reductions():
     assert mean > 0
     with pytest.raises(ValueError, match="kl_reduction"):
         GDFQConfig(kl_reduction="sum")
+    # ce_weight scales the CE to the generator's labels; 0 leaves the distillation from the FP model alone
+    kl_only = kd_loss(s, t, y, GDFQConfig(ce_weight=0.0)).item()
+    assert kl_only == pytest.approx(mean, rel=1e-5)
+    assert kd_loss(s, t, y, GDFQConfig(ce_weight=0.5)).item() == pytest.approx(kl_only + 0.5 * ce.item(), rel=1e-5)
+    # ce_agreed_only: the CE counts only the images the FP model (teacher) labels as intended
+    t_agree = torch.randn(6, 10)
+    t_agree[torch.arange(3), y[:3]] = 50.0  # the teacher agrees on the first three, not on the others
+    t_agree[torch.arange(3, 6), (y[3:] + 1) % 10] = 50.0
+    agreed = kd_loss(s, t_agree, y, GDFQConfig(ce_agreed_only=True)).item()
+    kl = kd_loss(s, t_agree, y, GDFQConfig(ce_weight=0.0)).item()
+    assert agreed == pytest.approx(kl + F.cross_entropy(s[:3], y[:3]).item(), rel=1e-5)
+    t_none = torch.zeros(6, 10)
+    t_none[torch.arange(6), (y + 1) % 10] = 50.0
+    s_grad = s.clone().requires_grad_(True)  # none agrees: the KL's gradient alone, finite everywhere
+    kd_loss(s_grad, t_none, y, GDFQConfig(ce_agreed_only=True)).backward()
+    s_kl = s.clone().requires_grad_(True)
+    kd_loss(s_kl, t_none, y, GDFQConfig(ce_weight=0.0)).backward()
+    assert torch.allclose(s_grad.grad, s_kl.grad)
+    with pytest.raises(ValueError, match="ce_weight"):
+        GDFQConfig(ce_weight=-1.0)
 
 
 # ---------------------------------------------------------------- training loop
@@ -289,6 +309,11 @@ def test_checkpoint_resume_continues_identically(resnet20):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="different GDFQ config"):
         make_state(copy.deepcopy(resnet20), _tiny_cfg(epochs=5)).load_state_dict(ckpt)
+    # a checkpoint written before a setting existed ran at its default: it resumes under the default only
+    older = {**ckpt, "cfg": {k: v for k, v in ckpt["cfg"].items() if k != "ce_weight"}}
+    make_state(copy.deepcopy(resnet20), cfg).load_state_dict(older)
+    with pytest.raises(ValueError, match="ce_weight"):
+        make_state(copy.deepcopy(resnet20), _tiny_cfg(epochs=2, ce_weight=0.0)).load_state_dict(older)
 
 
 def test_resume_mid_calibration_with_momentum_continues_identically(resnet20):
@@ -409,3 +434,22 @@ def test_activation_ranges_are_averaged_over_data_parallel_ranks(tmp_path):
     mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     maxima = [float(torch.load(tmp_path / f"{r}.pt", weights_only=True)) for r in range(2)]
     assert maxima == [pytest.approx(1.5), pytest.approx(1.5)]
+
+
+def test_bench_variants_parse_typed_settings_and_name_unknown_ones():
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gdfq_variants.py"
+    spec = importlib.util.spec_from_file_location("bench_gdfq_variants", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    name, changes = bench.parse_variant("slow=lr_q=1e-5; ce_agreed_only=true;warmup_epochs=8")
+    assert name == "slow" and changes == {"lr_q": 1e-5, "ce_agreed_only": True, "warmup_epochs": 8}
+    assert isinstance(changes["lr_q"], float)  # YAML 1.1 alone reads 1e-5 as a string
+    GDFQConfig.from_dict({**GDFQConfig().to_dict(), **changes})
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown GDFQ setting"):
+        bench.parse_variant("x=lr=0.1")
+    with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
+        bench.parse_variant("x=lr_q")

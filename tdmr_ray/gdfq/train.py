@@ -53,6 +53,10 @@ class GDFQConfig:
     # divided by the number of classes; we keep it because the published accuracies depend on this
     # KD/CE balance. 'batchmean' is the mathematically proper per-sample KL (C times larger).
     kl_reduction: str = "mean"
+    ce_weight: float = 1.0  # the reference's CE(q(G(z, y)), y) next to the KL; 0 distils from the FP model alone
+    # Ours (off = reference): the CE only on images the FP model labels y. A weak generator makes
+    # images the FP model puts in another class, and the CE to y then trains against the KL.
+    ce_agreed_only: bool = False
     lr_q: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -70,6 +74,8 @@ class GDFQConfig:
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         self.betas_g, self.lr_milestones = tuple(self.betas_g), tuple(self.lr_milestones)
+        if self.ce_weight < 0:
+            raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight}")
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
         if self.ema_bias_correction not in EMA_BIAS_CORRECTIONS:
@@ -97,12 +103,20 @@ class GDFQConfig:
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
             cfg: GDFQConfig) -> torch.Tensor:
-    """``kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) + CE(s, y)`` with ``cfg.kl_reduction``."""
+    """``kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) + ce_weight * CE(s, y)`` with ``cfg.kl_reduction``."""
     t = cfg.temperature
     kl = F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="none")
     # Spelled out: torch warns that its 'mean' will become 'batchmean' in a future release.
     kl = kl.mean() if cfg.kl_reduction == "mean" else kl.sum() / kl.shape[0]
-    return cfg.kd_weight * t * t * kl + F.cross_entropy(student_logits, labels)
+    loss = cfg.kd_weight * t * t * kl
+    if not cfg.ce_weight:
+        return loss
+    if cfg.ce_agreed_only:  # the mean over the agreeing images (each rank its own; 0 when none agrees)
+        agreed = (teacher_logits.argmax(1) == labels).to(student_logits.dtype)
+        ce = (F.cross_entropy(student_logits, labels, reduction="none") * agreed).sum() / agreed.sum().clamp_min(1)
+    else:
+        ce = F.cross_entropy(student_logits, labels)
+    return loss + cfg.ce_weight * ce
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -165,8 +179,10 @@ class GDFQState:
 
     def load_state_dict(self, d: dict) -> None:
         current = self.cfg.to_dict()
-        if d["cfg"] != current:
-            diff = {k: (v, current.get(k)) for k, v in d["cfg"].items() if current.get(k) != v}
+        # a setting added after the checkpoint was written ran at its default there
+        saved_cfg = {**{k: v for k, v in GDFQConfig().to_dict().items() if k not in d["cfg"]}, **d["cfg"]}
+        if saved_cfg != current:
+            diff = {k: (v, current.get(k)) for k, v in saved_cfg.items() if current.get(k) != v}
             raise ValueError(f"checkpoint was made with a different GDFQ config (checkpoint, current): {diff}")
         names = [s["name"] for s in d["students"]]
         if names != [s.name for s in self.students]:
