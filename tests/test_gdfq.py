@@ -82,6 +82,23 @@ def test_matches_torch_fake_quant_where_its_rule_applies():
         assert close.float().mean() > 0.999  # a rare x/s vs x*(1/s) tie may round the other way
 
 
+@pytest.mark.parametrize("lo, hi", [(0.0, 6.0), (-1.5, 2.0), (0.3, 0.9), (-4.0, -1.0)])
+def test_inference_path_gives_the_same_levels(lo, hi):
+    # Frozen quantizers without autograd take fake_quantize_no_grad (devices, evaluation, Serve); it must
+    # give fake_quantize's numbers exactly, for ranges with and without 0 and inputs beyond both ends.
+    bits = 4
+    q = ActivationQuantizer(bits)
+    q.set_range(lo, hi)
+    q.freeze()
+    x = torch.cat([torch.linspace(lo - 3, hi + 3, 2001), torch.randn(5000) * (hi - lo) + lo])
+    scale, zp = affine_qparams(q.x_min, q.x_max, bits)
+    with torch.no_grad():
+        fast = q(x)
+    assert torch.equal(fast, fake_quantize(x, scale, zp, bits))  # -0.0 == 0.0 here, as in any later layer
+    assert torch.equal(q(x.clone().requires_grad_(True)).detach(), fast)  # the autograd path: same levels
+    assert len(torch.unique(fast)) <= 2 ** bits
+
+
 def test_one_signed_channel_uses_its_own_range():
     w = torch.rand(2, 50) + 0.5  # all positive: torch's observers would stretch the range to 0
     w_hat, scale = _fq_weight(w, 3)
@@ -269,6 +286,14 @@ def test_kd_loss_reductions():
     assert torch.allclose(s_grad.grad, s_kl.grad)
     with pytest.raises(ValueError, match="ce_weight"):
         GDFQConfig(ce_weight=-1.0)
+    # kd_only_from_bits: a student at (or above) that width learns from the KL alone, a narrower one keeps the CE
+    kd8 = GDFQConfig(w_bits=8, a_bits=8, kd_only_from_bits=8)
+    assert kd_loss(s, t, y, kd8).item() == pytest.approx(kl_only, rel=1e-5)
+    assert kd_loss(s, t, y, kd8, bits=(4, 4)).item() == pytest.approx(kl_only + ce.item(), rel=1e-5)
+    assert kd_loss(s, t, y, kd8, bits=(8, 4)).item() == pytest.approx(kl_only + ce.item(), rel=1e-5)
+    assert kd_loss(s, t, y, GDFQConfig(w_bits=8, a_bits=8)).item() == pytest.approx(kl_only + ce.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="kd_only_from_bits"):
+        GDFQConfig(kd_only_from_bits=9)
 
 
 # ---------------------------------------------------------------- training loop

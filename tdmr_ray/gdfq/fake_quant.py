@@ -77,6 +77,16 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return _StraightThroughFakeQuant.apply(x, scale, zero_point, bits)
 
 
+def fake_quantize_no_grad(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`fake_quantize`'s values for a per-tensor grid, in one new tensor and three in-place passes
+    instead of six allocating ones: ``clamp(round(x / scale), -zero_point, 2**bits - 1 - zero_point) * scale``
+    (the same numbers, since the zero point is integral; only a zero may come out as -0.0). Devices run
+    every batch through this, where the six passes made the quantized edge ~20% slower than the float one.
+    """
+    z = float(zero_point)
+    return torch.div(x, scale).round_().clamp_(-z, 2 ** bits - 1 - z).mul_(scale)
+
+
 def weight_range(weight: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max of the weights, per output channel (dim 0, shaped to broadcast) or over the tensor."""
     w = weight.detach()
@@ -219,6 +229,8 @@ class ActivationQuantizer(nn.Module):
             raise RuntimeError("activation quantizer has no range yet: run calibration batches "
                                "(calibrate() and forward) before freezing it")
         scale, zero_point = affine_qparams(self.x_min, self.x_max, self.a_bits)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return fake_quantize_no_grad(x, scale, zero_point, self.a_bits)
         return fake_quantize(x, scale, zero_point, self.a_bits)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

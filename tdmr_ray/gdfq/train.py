@@ -57,6 +57,10 @@ class GDFQConfig:
     # Ours (off = reference): the CE only on images the FP model labels y. A weak generator makes
     # images the FP model puts in another class, and the CE to y then trains against the KL.
     ce_agreed_only: bool = False
+    # Ours (0 = reference: never): at this many bits and more (weights and activations) the quantized
+    # model learns from the KL alone. At 8 bits the grid costs almost nothing, so fine-tuning can only
+    # keep the model near the FP one; the CE to a short-trained generator's labels moves it away.
+    kd_only_from_bits: int = 0
     lr_q: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -76,6 +80,8 @@ class GDFQConfig:
         self.betas_g, self.lr_milestones = tuple(self.betas_g), tuple(self.lr_milestones)
         if self.ce_weight < 0:
             raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight}")
+        if self.kd_only_from_bits:
+            check_bits(self.kd_only_from_bits, "kd_only_from_bits (or 0: never)")
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
         if self.ema_bias_correction not in EMA_BIAS_CORRECTIONS:
@@ -97,26 +103,34 @@ class GDFQConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def ce_weight_at(self, w_bits: int, a_bits: int) -> float:
+        """``ce_weight``, or 0 where ``kd_only_from_bits`` turns the CE off for a WkAk student."""
+        kd_only = self.kd_only_from_bits and min(w_bits, a_bits) >= self.kd_only_from_bits
+        return 0.0 if kd_only else self.ce_weight
+
     def lr_factor(self, epoch: int) -> float:
         return self.lr_decay ** sum(epoch >= m for m in self.lr_milestones)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            cfg: GDFQConfig) -> torch.Tensor:
-    """``kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) + ce_weight * CE(s, y)`` with ``cfg.kl_reduction``."""
+            cfg: GDFQConfig, bits: tuple[int, int] | None = None) -> torch.Tensor:
+    """``kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) + ce_weight * CE(s, y)`` with ``cfg.kl_reduction``;
+    ``ce_weight`` as :meth:`GDFQConfig.ce_weight_at` gives it for the student's ``bits`` (default the
+    config's own ``(w_bits, a_bits)``)."""
     t = cfg.temperature
     kl = F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="none")
     # Spelled out: torch warns that its 'mean' will become 'batchmean' in a future release.
     kl = kl.mean() if cfg.kl_reduction == "mean" else kl.sum() / kl.shape[0]
     loss = cfg.kd_weight * t * t * kl
-    if not cfg.ce_weight:
+    ce_weight = cfg.ce_weight_at(*(bits or (cfg.w_bits, cfg.a_bits)))
+    if not ce_weight:
         return loss
     if cfg.ce_agreed_only:  # the mean over the agreeing images (each rank its own; 0 when none agrees)
         agreed = (teacher_logits.argmax(1) == labels).to(student_logits.dtype)
         ce = (F.cross_entropy(student_logits, labels, reduction="none") * agreed).sum() / agreed.sum().clamp_min(1)
     else:
         ce = F.cross_entropy(student_logits, labels)
-    return loss + cfg.ce_weight * ce
+    return loss + ce_weight * ce
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -268,7 +282,7 @@ def quantized_step(student: Student, cfg: GDFQConfig, images: torch.Tensor, teac
     student.qmodel.eval()
     with torch.set_grad_enabled(update):
         logits = student.qmodel(images)
-        loss = kd_loss(logits, teacher_logits, labels, cfg)
+        loss = kd_loss(logits, teacher_logits, labels, cfg, (student.report.w_bits, student.report.a_bits))
     if update:
         student.opt_q.zero_grad(set_to_none=True)
         loss.backward()
