@@ -84,9 +84,9 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=os.environ.copy())
         total_s = time.perf_counter() - start
-        speed_after = machine.reference_speed()
         if proc.returncode != 0:
             raise SystemExit(f"jobs/pipeline.py failed with exit {proc.returncode}")
+        speed_after = machine.reference_speed()
         summary = json.loads((out / "summary.json").read_text())
         report_md = (out / "report.md").read_text()
     stages = summary["metrics"]["stages"]

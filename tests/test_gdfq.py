@@ -339,6 +339,16 @@ def test_checkpoint_resume_continues_identically(resnet20):
     make_state(copy.deepcopy(resnet20), cfg).load_state_dict(older)
     with pytest.raises(ValueError, match="ce_weight"):
         make_state(copy.deepcopy(resnet20), _tiny_cfg(epochs=2, ce_weight=0.0)).load_state_dict(older)
+    # kd_only_from_bits written before it existed (0): a W4A4 run is the same under 8 and resumes; a W8A8
+    # run would change its loss and is refused
+    before_rule = {**ckpt, "cfg": {k: v for k, v in ckpt["cfg"].items() if k != "kd_only_from_bits"}}
+    make_state(copy.deepcopy(resnet20), _tiny_cfg(epochs=2, kd_only_from_bits=8)).load_state_dict(before_rule)
+    w8 = _tiny_cfg(epochs=2, w_bits=8, a_bits=8)
+    w8_ckpt = make_state(copy.deepcopy(resnet20), w8).state_dict()
+    w8_ckpt["cfg"].pop("kd_only_from_bits")
+    with pytest.raises(ValueError, match="kd_only_from_bits"):
+        make_state(copy.deepcopy(resnet20), _tiny_cfg(epochs=2, w_bits=8, a_bits=8, kd_only_from_bits=8)
+                   ).load_state_dict(w8_ckpt)
 
 
 def test_resume_mid_calibration_with_momentum_continues_identically(resnet20):

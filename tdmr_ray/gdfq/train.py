@@ -195,6 +195,12 @@ class GDFQState:
         current = self.cfg.to_dict()
         # a setting added after the checkpoint was written ran at its default there
         saved_cfg = {**{k: v for k, v in GDFQConfig().to_dict().items() if k not in d["cfg"]}, **d["cfg"]}
+        if saved_cfg.get("kd_only_from_bits") != current["kd_only_from_bits"]:
+            # a different rule that gives every student of this run the same CE weight changed nothing
+            then = GDFQConfig.from_dict({**current, "kd_only_from_bits": saved_cfg["kd_only_from_bits"]})
+            bits = [(s.report.w_bits, s.report.a_bits) for s in self.students]
+            if all(then.ce_weight_at(*b) == self.cfg.ce_weight_at(*b) for b in bits):
+                saved_cfg["kd_only_from_bits"] = current["kd_only_from_bits"]
         if saved_cfg != current:
             diff = {k: (v, current.get(k)) for k, v in saved_cfg.items() if current.get(k) != v}
             raise ValueError(f"checkpoint was made with a different GDFQ config (checkpoint, current): {diff}")
