@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
+from tdmr_ray.config import apply_overrides  # noqa: E402
 from tdmr_ray.cema import CloudAdapter, UploadMessage, make_edge_runner, method_config  # noqa: E402
 from tdmr_ray.fleet import FLEET_PRESETS, CloudAdapterActor, FleetConfig, run_fleet  # noqa: E402
 from tdmr_ray.fleet.adapter import shard_of  # noqa: E402
@@ -121,9 +123,10 @@ def part_adapter(args, tmp: Path) -> list[dict]:
 
 
 # -- part 2: the lift of the quickstart's fleet -------------------------------------------------------
-def fleet_run(tmp: Path, tag: str, **settings) -> dict:
+def fleet_run(tmp: Path, tag: str, overrides: dict | None = None, **settings) -> dict:
     cfg = FleetConfig(output_dir=str(tmp / f"fleet-{tag}"), storage=str(tmp / "store"), run_name=f"bench{tag}",
                       plot=False, **settings)
+    cfg = apply_overrides(cfg, overrides or {}, "--set")
     metrics, _ = run_fleet(cfg, JobRun("bench-fleet", cfg))
     return metrics
 
@@ -134,9 +137,11 @@ def part_lift(args, tmp: Path) -> list[dict]:
         [(key_by, args.paced_interval_s, args.paced_adapters) for key_by in args.paced_key_by if args.paced_interval_s]
     for key_by, interval, adapters in runs:
         m = fleet_run(tmp, f"lift{key_by}{int(interval)}a{adapters}", key_by=key_by, seed=args.seed,
-                      device_interval_s=interval, adapters=adapters, **FLEET_PRESETS["quick"])
+                      device_interval_s=interval, adapters=adapters, overrides=args.set, **FLEET_PRESETS["quick"])
         lift = m["lift"]
-        rows.append({"key_by": key_by, "device_interval_s": interval, "adapters": adapters, "accuracy": m["accuracy"],
+        rows.append({"key_by": key_by, "device_interval_s": interval, "adapters": adapters,
+                     "settings": ", ".join(f"{k}={v}" for k, v in args.set.items()) or "defaults",
+                     "accuracy": m["accuracy"],
                      "treatment": lift["treatment_accuracy"],
                      "control": lift["control_accuracy"], "lift": lift["lift"], "lift_ci95": lift["ci95"],
                      "lift_by_group": {g: [v["lift"], v["ci95"]] for g, v in m["lift_by_group"].items()},
@@ -294,6 +299,14 @@ def part_faults_driver(args, tmp: Path, baseline: dict | None) -> dict:
     return fault_row("driver killed, --resume", m, [f"driver after {wait:.0f} s of stream"], baseline)
 
 
+def parse_setting(text: str) -> tuple[str, object]:
+    """``section.key=value`` -> (dotted key, YAML value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key.strip(), yaml.safe_load(value)
+
+
 def table(rows: list[dict], cols: list[str]) -> list[str]:
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
            ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
@@ -311,6 +324,8 @@ def main(argv=None):
     p.add_argument("--paced-key-by", nargs="+", default=["group"])
     p.add_argument("--paced-adapters", type=int, default=1,
                    help="adapter shards of the paced runs (the full-speed runs use one)")
+    p.add_argument("--set", action="append", default=[], type=parse_setting, metavar="KEY=VALUE",
+                   help="a FleetConfig setting of the lift runs, dotted (cema.cloud.batch_size=16); repeatable")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--batches-per-device", type=int, default=2)
     p.add_argument("--edge-only-max-devices", type=int, default=1024,
@@ -319,6 +334,7 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix of the result files (fleet<tag>.json/md)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    args.set = dict(args.set)
     host_machine = machine.describe()  # (before Ray starts its processes beside the speed probe)
     ray.init(include_dashboard=False, log_to_driver=False)
     cpus = int(ray.cluster_resources()["CPU"])
@@ -334,7 +350,7 @@ def main(argv=None):
         if "lift" in args.parts:
             result["lift"] = part_lift(args, Path(tmp))
             lines += ["Lift of the quickstart's fleet (256 devices, 3 batches, treatment - control):", ""]
-            lines += table(result["lift"], ["key_by", "device_interval_s", "adapters", "accuracy", "treatment", "control", "lift", "lift_ci95",
+            lines += table(result["lift"], ["key_by", "device_interval_s", "adapters", "settings", "accuracy", "treatment", "control", "lift", "lift_ci95",
                                             "lift_by_group", "candidate_fraction", "sent_fraction", "refused_fraction",
                                             "unsent_fraction", "apply_latency_p50_s", "apply_latency_p99_s",
                                             "publish_latency_p50_s", "adapter_samples_per_s", "adapter_cpu_s_per_sample"]) + [""]

@@ -303,3 +303,40 @@ def test_state_bank_parks_devices_without_changing_what_they_compute():
         bad = runner.new_device("d9")
         bad.affine = dict(list(bad.affine.items())[1:])
         bank.park(0, bad)
+
+
+def test_one_update_fills_a_keys_parked_devices_as_if_each_had_applied_it():
+    """A host applies a delivered version to all of a key's devices with one indexed write: each then
+    holds exactly what offer + apply would give it; other rows are untouched; a set that does not fit
+    the layout is refused before anything is written."""
+    import torch
+
+    from tdmr_ray.cema import EdgeRunner, UpdateMessage, method_config
+    from tdmr_ray.fleet.state_bank import StateBank
+    from tdmr_ray.models import create_model
+
+    torch.manual_seed(0)
+    runner = EdgeRunner(create_model("resnet20"), method_config("cema"))
+    states = [runner.new_device(f"d{i}") for i in range(3)]
+    bank = StateBank(3)
+    for i, s in enumerate(states):
+        bank.park(i, s)
+    update = UpdateMessage("g", 4, {k: torch.randn_like(v) for k, v in runner.initial_affine.items()})
+    bank.fill("affine", np.array([0, 2]), update.params)
+    reference = runner.new_device("ref")
+    reference.offer(update)
+    reference.apply_pending()
+    for i, s in enumerate(states):
+        bank.unpark(i, s)
+        want = reference.affine if i != 1 else runner.initial_affine
+        assert all(torch.equal(s.affine[k], want[k]) for k in want), i
+        bank.park(i, s)
+    with pytest.raises(ValueError, match="do not fit the bank's layout: missing"):
+        bank.fill("affine", np.array([1]), dict(list(update.params.items())[1:]))
+    with pytest.raises(ValueError, match="is \\(3,\\)"):
+        bank.fill("affine", np.array([1]), {k: (torch.zeros(3) if j == 5 else v)
+                                            for j, (k, v) in enumerate(update.params.items())})
+    bank.unpark(1, states[1])
+    assert all(torch.equal(states[1].affine[k], runner.initial_affine[k]) for k in runner.initial_affine)
+    with pytest.raises(ValueError, match="parked"):
+        bank.fill("affine", np.array([1]), update.params)

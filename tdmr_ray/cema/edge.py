@@ -55,7 +55,7 @@ class EdgeDeviceState:
             acc.updates_stale += 1
             return False
         try:
-            self._check(update)
+            self.check_update(update)
         except ValueError:
             acc.updates_received -= 1  # a malformed update is not counted as received
             raise
@@ -64,7 +64,8 @@ class EdgeDeviceState:
         self.pending = update
         return True
 
-    def _check(self, update: UpdateMessage) -> None:
+    def check_update(self, update: UpdateMessage) -> None:
+        """Raise ValueError if ``update`` does not fit this device (names, shapes, finite values)."""
         missing, unexpected = set(self.affine) - set(update.params), set(update.params) - set(self.affine)
         if missing or unexpected:
             raise ValueError(f"update v{update.version} does not fit device {self.device_id}: missing "

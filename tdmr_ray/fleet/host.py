@@ -4,13 +4,14 @@ Each device keeps only its own state (:class:`tdmr_ray.cema.EdgeDeviceState`: no
 affine parameters, TBR statistics, filter state, version, accounting) plus its stream position
 and score; between batches its parameters and statistics are rows of the host's
 :class:`~tdmr_ray.fleet.state_bank.StateBank` (a few stacked matrices, not ~100 tensors per
-device). Per batch a device applies its newest received parameters, runs the forward pass,
-filters, and sends its selected samples to its key's adapter shard without waiting for the answer;
+device). Per batch a device runs the forward pass, filters, and sends its selected samples to its key's adapter shard without waiting for the answer;
 at most ``max_in_flight`` uploads per host are unanswered, further ones are dropped (counted).
 
 Budget: every ``poll_interval_s`` the host reads each shard's version board
-(:meth:`CloudAdapterActor.poll`): the newest parameter version per key, which each of the key's
-treatment devices takes before its next batch, and the upload rate per key the shard can process.
+(:meth:`CloudAdapterActor.poll`): the newest parameter version per key, which the host applies at
+once to all of the key's treatment devices (as a device applies a pushed update on receipt: one
+validation and one indexed write into the bank per version, whatever the key's size), and the
+upload rate per key the shard can process.
 The host spends that rate (split over the hosts) as a token bucket per key
 (:mod:`tdmr_ray.fleet.budget`): a device sends its lowest-entropy candidates (the most reliable, as
 CEMA's filter ranks them) within the budget and keeps the rest ("unsent", counted), so bandwidth goes
@@ -46,7 +47,7 @@ from .streams import DeviceStream
 # x 1 batch, trimming only at the end: the host grew to 2.8 GiB mid-stream and fell to ~1 GiB after
 # the final trim, i.e. mostly freed pages held by fragmentation; a trim costs milliseconds.
 TRIM_EVERY_BATCHES = 256
-HOST_COUNTERS = ("sent", "acked", "unsent", "dropped_in_flight", "busy", "rejected", "send_failed")
+HOST_COUNTERS = ("sent", "acked", "unsent", "dropped_in_flight", "busy", "rejected", "send_failed", "bad_updates")
 
 
 def lowest_entropy(upload: UploadMessage, n: int) -> UploadMessage:
@@ -73,9 +74,11 @@ class DeviceHost:
         for k in self.keys:
             self.keys_by_shard[self.shard[k]].append(k)
         self.control = {d: streams.is_control(d, cfg.control_fraction, cfg.seed) for d in self.devices}
-        # key -> the newest update the shard's board offered; a treatment device takes it before its next
-        # batch (one offer per device batch, not one per device per version: O(1) in the fleet's size)
-        self.newest_update: dict[str, UpdateMessage] = {}
+        # key -> bank rows of this host's treatment devices: a new version is written into all of them
+        # at once when the board delivers it (one validation and one indexed write per version)
+        self.treatment_rows: dict[str, np.ndarray] = {
+            k: np.array([i for i, d in enumerate(self.devices) if self.key[d] == k and not self.control[d]],
+                        dtype=np.int64) for k in self.keys}
         self.streams = {d: DeviceStream(d, len(pools[g][1]), cfg.batch_size, cfg.seed) for d, g in self.group.items()}
         # device states, their affine parameters and statistics parked in the bank between batches
         self.bank = StateBank(len(self.devices))
@@ -93,7 +96,7 @@ class DeviceHost:
         self.batches_since_trim = 0
         self.in_flight: list = []  # (ref, n_samples)
         self.latencies: list[float] = []
-        # key -> (newest version offered, when its oldest upload left): devices apply the newest offer
+        # key -> (the newest trigger version applied here, when its oldest upload left its device)
         self.trigger_sent_at: dict[str, tuple[int, float]] = {}
         self.store = RunStore(run_uri)
         self.ckpt = f"hosts/host-{host_index}.safetensors"
@@ -174,16 +177,9 @@ class DeviceHost:
         idx = self.streams[d].indices(b)
         self.bank.unpark(self.row[d], state)
         try:
-            update = self.newest_update.get(self.key[d])
-            if update is not None and not self.control[d] and update.version > state.version:
-                state.offer(update)  # (validated per device: ~0.5 ms against a batch's ~50 ms forward)
-            before = state.version
             result = self.runner.infer(state, images[idx])
         finally:
             self.bank.park(self.row[d], state)
-        offered, sent_at = self.trigger_sent_at.get(self.key[d], (0, 0.0))
-        if before < offered <= state.version:  # the first version this device applies with that upload in it
-            self.latencies.append(time.time() - sent_at)
         self.correct[d] += int((result.predictions.numpy() == labels[idx]).sum())
         self.position[d] = b + 1
         upload = result.upload
@@ -245,9 +241,42 @@ class DeviceHost:
                 if version <= self.key_version.get(key, 0):
                     continue
                 self.key_version[key] = version
-                if sent_at is not None:  # the newest version that included new uploads, and when they left
+                if not self._apply(UpdateMessage(key, version, params)):
+                    continue
+                measured, _ = self.trigger_sent_at.get(key, (0, 0.0))
+                if sent_at is not None and measured < trigger_version <= version:
+                    # the first version applied here with the uploads of that trigger in it
                     self.trigger_sent_at[key] = (trigger_version, sent_at)
-                self.newest_update[key] = UpdateMessage(key, version, params)
+                    self.latencies.append(time.time() - sent_at)
+
+    def _apply(self, update: UpdateMessage) -> bool:
+        """Apply ``update`` to every treatment device of its key on this host, as a device applies a
+        pushed update on receipt (its next frame uses it); False if there are none or it is malformed.
+        (Devices are parked here: polls run between batches.)"""
+        rows = self.treatment_rows.get(update.key)
+        if rows is None or not len(rows):
+            return False
+        first = self.state[self.devices[rows[0]]]
+        self.bank.unpark(int(rows[0]), first)
+        try:
+            first.check_update(update)  # one device checks for all: the key's devices share a layout
+        except ValueError as exc:
+            self.counters["bad_updates"] += 1
+            print(f"[host {self.index}] {exc}; not applied", flush=True)
+            return False
+        finally:
+            self.bank.park(int(rows[0]), first)
+        self.bank.fill("affine", rows, {k: v.float() for k, v in update.params.items()})
+        if update.stats is not None:
+            self.bank.fill("stats", rows, update.stats)
+        for i in rows:
+            state = self.state[self.devices[i]]
+            acc = state.accounting
+            acc.updates_received += 1
+            acc.updates_applied += 1
+            acc.bytes_down += update.nbytes
+            state.version = update.version
+        return True
 
     # -- reporting and checkpoints -------------------------------------------------------------
     def finish(self) -> dict:

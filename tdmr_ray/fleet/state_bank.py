@@ -50,6 +50,21 @@ class _FieldRows:
                 self.matrices[dtype][i, start:end].copy_(tensors[name].reshape(-1))
         self.present[i] = True
 
+    def fill(self, rows: np.ndarray, tensors: dict[str, torch.Tensor]) -> None:
+        """The same ``tensors`` into every row of ``rows`` (one indexed write per name)."""
+        if tensors.keys() != self.layout.keys():
+            raise ValueError(f"parameters do not fit the bank's layout: missing "
+                             f"{sorted(self.layout.keys() - tensors.keys())[:4]}, unexpected "
+                             f"{sorted(tensors.keys() - self.layout.keys())[:4]}")
+        for name, (dtype, _, _, shape) in self.layout.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"parameter {name} is {tuple(tensors[name].shape)}, the bank holds {shape}")
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        with torch.no_grad():
+            for name, (dtype, start, end, _) in self.layout.items():
+                self.matrices[dtype][index, start:end] = tensors[name].detach().reshape(1, -1).to(dtype)
+        self.present[rows] = True
+
     def views(self, i: int) -> dict[str, torch.Tensor] | None:
         if not self.present[i]:
             return None
@@ -91,6 +106,15 @@ class StateBank:
             rows = self.fields.get(field)
             setattr(state, field, rows.views(i) if rows is not None else None)
         self.parked[i] = False
+
+    def fill(self, field: str, rows: np.ndarray, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the same ``tensors`` as ``field`` of every (parked) device in ``rows``: one update
+        applied to a key's devices at once, without building each device's dicts."""
+        if not self.parked[rows].all():
+            raise ValueError("fill: every device written must be parked")
+        if field not in self.fields:
+            self.fields[field] = _FieldRows(self.n, tensors)
+        self.fields[field].fill(rows, tensors)
 
     def columns(self) -> dict[str, torch.Tensor]:
         """Parked rows in :func:`pack_columns`' format (``col.<field>.<name>`` / ``idx.<field>.<name>``)."""
