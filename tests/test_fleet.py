@@ -340,3 +340,51 @@ def test_one_update_fills_a_keys_parked_devices_as_if_each_had_applied_it():
     assert all(torch.equal(states[1].affine[k], runner.initial_affine[k]) for k in runner.initial_affine)
     with pytest.raises(ValueError, match="parked"):
         bank.fill("affine", np.array([1]), update.params)
+
+
+def test_a_host_applies_each_version_once_to_its_treatment_devices_even_after_a_restore(tmp_path):
+    """A delivered version goes to every treatment device of its key (not to control devices), once:
+    a host restored from its checkpoint knows what its devices hold and neither re-applies nor
+    re-counts it; a malformed version is counted and changes nothing."""
+    import torch
+
+    from tdmr_ray.cema import UpdateMessage
+    from tdmr_ray.fleet import DeviceHost, FleetConfig
+
+    threads = torch.get_num_threads()  # (a host pins its process to one thread)
+    try:
+        cfg = FleetConfig(devices=20, corruptions=["clean"], pool_size=64, batch_size=16, control_fraction=0.3,
+                          storage=str(tmp_path / "store"))
+        pools = {"clean": (np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int64))}
+
+        def new_host():
+            return DeviceHost(cfg, 0, list(range(20)), pools, [None], str(tmp_path / "run"))
+
+        host = new_host()
+        control = {d for d in host.devices if host.control[d]}
+        assert 0 < len(control) < 20
+        half = {k: v * 0.5 for k, v in host.runner.initial_affine.items()}
+        assert host._apply(UpdateMessage("clean", 3, half))
+        host.key_version["clean"] = 3
+
+        def books(h):
+            return {d: (h.state[d].version, h.state[d].accounting.updates_received,
+                        h.state[d].accounting.updates_applied) for d in h.devices}
+
+        assert books(host) == {d: (0, 0, 0) if d in control else (3, 1, 1) for d in host.devices}
+        host._checkpoint()
+        restored = new_host()
+        assert restored.restored and restored.key_version == {"clean": 3}
+        assert books(restored) == books(host)
+        assert not restored._apply(UpdateMessage("clean", 3, half))  # every device already holds it
+        assert books(restored) == books(host)
+        assert not restored._apply(UpdateMessage("clean", 4, dict(list(half.items())[1:])))
+        assert restored.counters["bad_updates"] == 1 and books(restored) == books(host)
+        assert restored._apply(UpdateMessage("clean", 5, {k: v * 0.25 for k, v in half.items()}))
+        assert books(restored) == {d: (0, 0, 0) if d in control else (5, 2, 2) for d in host.devices}
+        d = next(d for d in restored.devices if d not in control)
+        restored.bank.unpark(restored.row[d], restored.state[d])
+        want = {k: v * 0.25 for k, v in half.items()}
+        assert all(torch.equal(restored.state[d].affine[k], want[k]) for k in want)
+    finally:
+        torch.set_num_threads(threads)

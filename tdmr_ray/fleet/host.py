@@ -4,8 +4,8 @@ Each device keeps only its own state (:class:`tdmr_ray.cema.EdgeDeviceState`: no
 affine parameters, TBR statistics, filter state, version, accounting) plus its stream position
 and score; between batches its parameters and statistics are rows of the host's
 :class:`~tdmr_ray.fleet.state_bank.StateBank` (a few stacked matrices, not ~100 tensors per
-device). Per batch a device runs the forward pass, filters, and sends its selected samples to its key's adapter shard without waiting for the answer;
-at most ``max_in_flight`` uploads per host are unanswered, further ones are dropped (counted).
+device). Per batch a device runs the forward pass, filters, and sends its selected samples to its
+key's adapter shard without waiting for the answer; at most ``max_in_flight`` uploads per host are unanswered, further ones are dropped (counted).
 
 Budget: every ``poll_interval_s`` the host reads each shard's version board
 (:meth:`CloudAdapterActor.poll`): the newest parameter version per key, which the host applies at
@@ -96,8 +96,8 @@ class DeviceHost:
         self.batches_since_trim = 0
         self.in_flight: list = []  # (ref, n_samples)
         self.latencies: list[float] = []
-        # key -> (the newest trigger version applied here, when its oldest upload left its device)
-        self.trigger_sent_at: dict[str, tuple[int, float]] = {}
+        # key -> the newest trigger version (one that included new uploads) whose latency this host measured
+        self.measured_trigger: dict[str, int] = {}
         self.store = RunStore(run_uri)
         self.ckpt = f"hosts/host-{host_index}.safetensors"
         self.restored = self._restore()
@@ -224,8 +224,8 @@ class DeviceHost:
         self.in_flight = still
 
     def _poll(self) -> None:
-        """Read each shard's version board: offer new versions to the keys' treatment devices
-        (applied before their next batch) and take the shards' upload rates."""
+        """Read each shard's version board: apply new versions to the keys' treatment devices and
+        take the shards' upload rates."""
         self.last_poll = time.monotonic()
         if not self.adapters:  # no cloud in this run: nothing of its own to apply
             return
@@ -243,18 +243,22 @@ class DeviceHost:
                 self.key_version[key] = version
                 if not self._apply(UpdateMessage(key, version, params)):
                     continue
-                measured, _ = self.trigger_sent_at.get(key, (0, 0.0))
-                if sent_at is not None and measured < trigger_version <= version:
+                if sent_at is not None and self.measured_trigger.get(key, 0) < trigger_version <= version:
                     # the first version applied here with the uploads of that trigger in it
-                    self.trigger_sent_at[key] = (trigger_version, sent_at)
+                    self.measured_trigger[key] = trigger_version
                     self.latencies.append(time.time() - sent_at)
 
     def _apply(self, update: UpdateMessage) -> bool:
         """Apply ``update`` to every treatment device of its key on this host, as a device applies a
-        pushed update on receipt (its next frame uses it); False if there are none or it is malformed.
-        (Devices are parked here: polls run between batches.)"""
+        pushed update on receipt (its next frame uses it); False if none needs it or it is malformed.
+        Devices that already hold this version or a newer one (a host restored from its checkpoint)
+        are left alone. The board carries affine parameters only: fleet devices keep their own TBR
+        statistics. (Devices are parked here: polls run between batches.)"""
         rows = self.treatment_rows.get(update.key)
-        if rows is None or not len(rows):
+        if rows is None:
+            return False
+        rows = rows[[self.state[self.devices[i]].version < update.version for i in rows]]
+        if not len(rows):
             return False
         first = self.state[self.devices[rows[0]]]
         self.bank.unpark(int(rows[0]), first)
@@ -267,8 +271,6 @@ class DeviceHost:
         finally:
             self.bank.park(int(rows[0]), first)
         self.bank.fill("affine", rows, {k: v.float() for k, v in update.params.items()})
-        if update.stats is not None:
-            self.bank.fill("stats", rows, update.stats)
         for i in rows:
             state = self.state[self.devices[i]]
             acc = state.accounting
@@ -315,7 +317,8 @@ class DeviceHost:
             head, _, rest = k.partition(".")
             if head == "counters":
                 self.counters[rest] = int(v)
-            # key_version is not restored: updates offered but not yet applied were lost; offer the newest again
+            elif head == "key_version":  # the devices' rows below hold what was applied up to it
+                self.key_version[rest] = self.measured_trigger[rest] = int(v)
         per_device = unpack_columns(flat, len(self.devices))
         for i, d in enumerate(self.devices):
             entry = per_device[i]
