@@ -3,18 +3,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..cema.config import CEMAConfig, EdgeConfig, FilterConfig, redundancy_margin_for
+from ..cema.config import CEMAConfig, CloudConfig, EdgeConfig, FilterConfig, redundancy_margin_for
 from ..runtime import CommonConfig
 
 
+# The fleet's cloud step: 16 uploaded samples at half the reference's learning rates (reference: 32
+# at 2.5e-3 / 2.5e-4). A key's batch fills in half the time and its step takes half as long, which
+# halves upload->applied at a camera's pace; at the reference's rates twice as many steps cost 2-4
+# points, at half the rates -0.34 / -0.21 / +0.09 over 3 seeds (reset / continual / label;
+# bench/results/cema_diagnosis_cloudbs16_lr{,_s12}.md).
+FLEET_CLOUD_STEP = {"batch_size": 16, "edge_lr": 1.25e-3, "foundation_lr": 1.25e-4}
+
+
 def fleet_cema_config() -> CEMAConfig:
-    """CEMA's settings for the fleet. Two departures from the algorithm's defaults, both because a
+    """CEMA's settings for the fleet. Three departures from the algorithm's defaults, all because a
     fleet ships parameter sets through the registry to devices that adapt on their own streams:
     the edge moves its own test-batch statistics (``stats_source="local"``; updates carry affine
-    parameters only, which is also what Serve applies), and the redundancy margin fits 10 classes
-    (the reference's 0.05 is for 1,000 classes and would drop nearly every sample here)."""
+    parameters only, which is also what Serve applies), the redundancy margin fits 10 classes
+    (the reference's 0.05 is for 1,000 classes and would drop nearly every sample here), and the
+    cloud steps on smaller batches at lower rates (``FLEET_CLOUD_STEP``: updates sooner)."""
     return CEMAConfig(edge=EdgeConfig(stats_source="local"),
-                      filter=FilterConfig(redundancy_margin=redundancy_margin_for(10)))
+                      filter=FilterConfig(redundancy_margin=redundancy_margin_for(10)),
+                      cloud=CloudConfig(**FLEET_CLOUD_STEP))
 
 
 @dataclass
