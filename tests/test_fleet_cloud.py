@@ -74,7 +74,11 @@ def test_keys_hash_to_shards_stably_and_a_shard_refuses_foreign_keys(tmp_path):
 
 
 def test_versions_reach_the_board_and_rates_are_advertised(tmp_path):
-    adapter = make_adapter(tmp_path, "board")
+    from tdmr_ray.fleet.config import fleet_cema_config
+
+    cema = fleet_cema_config()
+    cema.cloud.batch_size = 32  # the first advertised rate assumes 2 cloud batches/s: 96 queued stay under 2x target
+    adapter = make_adapter(tmp_path, "board", cema=cema)
     replies = [adapter.upload(upload(f"d{i % 2}", i), "g", time.time()) for i in range(6)]
     assert all(r["status"] == "ok" and r["rate"] > 0 for r in replies)
     adapter.drain()
