@@ -200,27 +200,31 @@ def part_sizes(args, tmp: Path, cpus: int) -> list[dict]:
     rows = []
     for devices in args.sizes:
         common = dict(devices=devices, batches_per_device=args.batches_per_device, pool_size=1000)
-        full = fleet_run(tmp, f"{devices}full", **common)
-        # (the edge-only fleet, for the ratio, is skipped above --edge-only-max-devices: it doubles a long run)
+        # (the edge-only fleet, for the ratio, is skipped above --edge-only-max-devices: it doubles a long run;
+        # the fleet with uploads above --uploads-max-devices, where an earlier run measured it)
+        full = fleet_run(tmp, f"{devices}full", **common) if devices <= args.uploads_max_devices else None
         edge = fleet_run(tmp, f"{devices}edge", uploads=False, hosts=cpus, **common) \
-            if devices <= args.edge_only_max_devices else None
-        hosts = len(list((Path((edge or full)["run_store"]) / "hosts").glob("host-*.safetensors")))
+            if devices <= args.edge_only_max_devices or full is None else None
+        run = full or edge
+        hosts = len(list((Path(run["run_store"]) / "hosts").glob("host-*.safetensors")))
         single = max(single_process_loop(devices, args.batches_per_device, 64, pool, t, "cema_plus")
                      for t in sorted({1, hosts}))
-        rss = full["hosts_rss_bytes"] + full.get("adapter", {}).get("rss_bytes", 0)
+        rss = run["hosts_rss_bytes"] + run.get("adapter", {}).get("rss_bytes", 0)
         # + this driver and Ray's own processes (GCS, raylet, dashboard, idle workers), read after the run
         all_rss = rss + ray_system_rss()
-        state = sum(f.stat().st_size for f in (Path(full["run_store"]) / "hosts").glob("*.safetensors")) / devices
-        rows.append({"devices": devices, "fleet_samples_per_s": full["samples_per_s"],
+        state = sum(f.stat().st_size for f in (Path(run["run_store"]) / "hosts").glob("*.safetensors")) / devices
+        rows.append({"devices": devices, "fleet_samples_per_s": full["samples_per_s"] if full else None,
                      "edge_only_samples_per_s": edge["samples_per_s"] if edge else None,
                      "single_process_samples_per_s": round(single, 1),
                      "ratio_edge_only_to_single_process": round(edge["samples_per_s"] / single, 3) if edge else None,
-                     "ratio_fleet_to_single_process": round(full["samples_per_s"] / single, 3),
-                     "batches_per_device": args.batches_per_device, "stream_seconds": full["stream_seconds"],
-                     "lift": full["lift"]["lift"], "refused_fraction": full["refused_fraction"],
-                     "apply_latency_p50_s": full["apply_latency_s"]["p50"],
+                     "ratio_fleet_to_single_process": round(full["samples_per_s"] / single, 3) if full else None,
+                     "batches_per_device": args.batches_per_device, "stream_seconds": run["stream_seconds"],
+                     "lift": full["lift"]["lift"] if full else None,
+                     "refused_fraction": full["refused_fraction"] if full else None,
+                     "apply_latency_p50_s": full["apply_latency_s"]["p50"] if full else None,
+                     "memory_of": "fleet with uploads" if full else "edge-only fleet",
                      "fleet_rss_gib": round(rss / 2**30, 2), "all_ray_processes_rss_gib": round(all_rss / 2**30, 2),
-                     "hosts_rss_bytes": full["hosts_rss_bytes"],
+                     "hosts_rss_bytes": run["hosts_rss_bytes"],
                      "device_state_kib": round(state / 1024, 1)})
         print(json.dumps(rows[-1]), flush=True)
     if len(rows) > 1:
@@ -330,6 +334,8 @@ def main(argv=None):
     p.add_argument("--batches-per-device", type=int, default=2)
     p.add_argument("--edge-only-max-devices", type=int, default=1024,
                    help="sizes part: run the edge-only fleet (the ratio's numerator) up to this many devices")
+    p.add_argument("--uploads-max-devices", type=int, default=10**9,
+                   help="sizes part: run the fleet with uploads up to this many devices (above it: the edge-only fleet only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result files (fleet<tag>.json/md)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -360,7 +366,7 @@ def main(argv=None):
             lines += table(result["sizes"], ["devices", "fleet_samples_per_s", "edge_only_samples_per_s",
                                              "single_process_samples_per_s", "ratio_edge_only_to_single_process",
                                              "ratio_fleet_to_single_process", "stream_seconds", "lift",
-                                             "refused_fraction", "apply_latency_p50_s", "fleet_rss_gib",
+                                             "refused_fraction", "apply_latency_p50_s", "memory_of", "fleet_rss_gib",
                                              "all_ray_processes_rss_gib",
                                              "rss_per_added_device_kib", "device_state_kib"]) + [""]
         if "faults" in args.parts:

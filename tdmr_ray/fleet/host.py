@@ -271,12 +271,13 @@ class DeviceHost:
         finally:
             self.bank.park(int(rows[0]), first)
         self.bank.fill("affine", rows, {k: v.float() for k, v in update.params.items()})
-        for i in rows:
+        nbytes = update.nbytes  # (a sum over the parameter set: once per version, not per device)
+        for i in rows.tolist():
             state = self.state[self.devices[i]]
             acc = state.accounting
             acc.updates_received += 1
             acc.updates_applied += 1
-            acc.bytes_down += update.nbytes
+            acc.bytes_down += nbytes
             state.version = update.version
         return True
 
