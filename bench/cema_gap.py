@@ -34,8 +34,8 @@ def _segments(tags: list[str]) -> list[tuple[str, int, int]]:
 
 def gaps(results: list[dict], a: str, b: str, parts: int, n_per_corruption: int
          ) -> tuple[dict[str, dict[str, list[list[float]]]], dict[str, dict[str, list[float]]]]:
-    """({mode: {corruption: [per part: [gap per seed, points]]}}, {mode: {corruption: [A's upload
-    share per seed]}})."""
+    """({mode: {corruption: [whole, part 1, ...: [gap per seed, points]]}}, {mode: {corruption:
+    [A's upload share per seed]}})."""
     runs_a, runs_b = _runs(results, a), _runs(results, b)
     common = sorted(set(runs_a) & set(runs_b))
     if not common:
@@ -48,9 +48,11 @@ def gaps(results: list[dict], a: str, b: str, parts: int, n_per_corruption: int
             raise SystemExit(f"{mode} seed {seed}: the two runs saw different streams")
         diff = (np.asarray(ta["edge_acc"]) - np.asarray(tb["edge_acc"])) * 100
         for corruption, lo, hi in _segments(ta["tag"]):
-            cells = out.setdefault(mode, {}).setdefault(corruption, [[] for _ in range(parts)])
+            # cells[0]: the whole stretch; cells[1:]: its parts (equal weight per batch in each)
+            cells = out.setdefault(mode, {}).setdefault(corruption, [[] for _ in range(parts + 1)])
+            cells[0].append(float(diff[lo:hi].mean()))
             for k, chunk in enumerate(np.array_split(diff[lo:hi], parts)):
-                cells[k].append(float(chunk.mean()))
+                cells[k + 1].append(float(chunk.mean()))
             shares.setdefault(mode, {}).setdefault(corruption, []).append(
                 float(sum(ta["uploaded"][lo:hi])) / n_per_corruption)
     return out, shares
@@ -83,9 +85,8 @@ def main(argv=None) -> None:
         lines += [f"## Mode: {mode}", "", f"| corruption | {args.a} uploads | whole | {header} |",
                   "|---|---:|---:|" + "---:|" * args.parts]
         for corruption, cells in per_corruption.items():
-            whole = [float(np.mean(seed_parts)) for seed_parts in zip(*cells)]
             share = f"{np.mean(shares[mode][corruption]):.1%}"
-            lines.append(f"| {corruption} | {share} | {_fmt(whole)} | " + " | ".join(_fmt(c) for c in cells) + " |")
+            lines.append(f"| {corruption} | {share} | " + " | ".join(_fmt(c) for c in cells) + " |")
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
