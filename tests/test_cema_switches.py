@@ -298,3 +298,56 @@ def test_augment_views_distil_on_flipped_and_shifted_copies_of_the_new_samples(m
     assert sizes[0, False] == [4, 4, 4, 16, 16] and sizes[2, False] == sizes[2, True] == [12, 12, 12, 24, 24]
     with pytest.raises(ValueError, match="augment_views"):
         CloudAdapter(model, model, cfg_with("cema", cloud=small(augment_views=-1)))
+
+
+def _two_class_model():
+    """1x1 conv (R -> channel 0, G -> channel 1), BatchNorm, mean pool, identity classifier: class =
+    the channel above its normalized mean."""
+    conv = torch.nn.Conv2d(3, 2, 1, bias=False)
+    head = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0] = conv.weight[1, 1] = 1.0
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    return torch.nn.Sequential(conv, torch.nn.BatchNorm2d(2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head).eval()
+
+
+def _two_class_batch(labels, rng):
+    x = rng.normal(60, 20, (len(labels), 1, 1, 3)) + rng.normal(0, 5, (len(labels), 8, 8, 3))
+    x[np.asarray(labels) == 0, :, :, 0] += 120  # class 0: red, class 1: green
+    x[np.asarray(labels) == 1, :, :, 1] += 120
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def _red_means(balanced, batches):
+    cfg = cfg_with("tbr_stats", edge={"class_balanced_stats": balanced}, shift={"detect": "oracle", "reset": ["edge_stats"]})
+    edge = make_edge_runner("tbr_stats", _two_class_model(), cfg)
+    state = edge.new_device("d")
+    means = []
+    for b in batches:
+        edge.infer(state, b)
+        means.append(float(state.stats["1.running_mean"][0]))
+    return means, edge, state
+
+
+def test_class_balanced_statistics_follow_the_classes_not_their_bursts():
+    """On a shuffled stream the statistics are TBR's EMA of batch statistics; on a bursty one (runs of
+    6 batches of one class) they stay at the two classes' mean while the EMA swings toward each burst.
+    The per-class moments survive a checkpoint, and a shift reset restarts them."""
+    rng = np.random.default_rng(0)
+    mid = 0.5 * (180 + 60) / 255  # the red channel's mean over both classes, in [0, 1] units
+    shuffled = [_two_class_batch([0, 1] * 16, rng) for _ in range(12)]
+    plain, _, _ = _red_means(False, shuffled)
+    balanced, _, state = _red_means(True, shuffled)
+    assert np.allclose(plain, balanced, atol=1e-5) and float(state.class_stats["burst"]) < 0.05
+    bursty = shuffled[:4] + [_two_class_batch([run % 2] * 32, rng) for run in range(6) for _ in range(6)]
+    plain, _, _ = _red_means(False, bursty)
+    balanced, edge, state = _red_means(True, bursty)
+    assert max(abs(m - mid) for m in plain[-12:]) > 0.06  # the EMA follows each burst
+    assert max(abs(m - mid) for m in balanced[-12:]) < 0.02  # the mixture does not
+    assert state.class_stats["seen"].tolist() == [1, 1] and float(state.class_stats["burst"]) > 0.45
+    restored = type(state).from_tensors(state.to_tensors())
+    assert all(torch.equal(restored.class_stats[k], v) for k, v in state.class_stats.items())
+    edge.infer(state, _two_class_batch([1] * 32, rng), shift=True)  # a detected shift: restart
+    assert float(state.class_stats["class_count"].sum()) == 32 and float(state.class_stats["burst"]) == 0.0

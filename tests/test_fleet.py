@@ -250,18 +250,21 @@ def test_host_checkpoint_is_columns_whose_count_does_not_grow_with_devices():
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_state_bank_parks_devices_without_changing_what_they_compute():
+@pytest.mark.parametrize("class_stats", [False, True])  # edge.class_balanced_stats: per-class moments banked too
+def test_state_bank_parks_devices_without_changing_what_they_compute(class_stats):
     """Devices parked in a StateBank between batches predict and checkpoint exactly as devices that
     keep their own tensors, and the bank holds their numbers in a few matrices, not per-device tensors."""
     import torch
     from safetensors.torch import load, save
 
     from tdmr_ray.cema import EdgeDeviceState, EdgeRunner, UpdateMessage, method_config
-    from tdmr_ray.fleet.state_bank import StateBank, pack_columns, unpack_columns
+    from tdmr_ray.fleet.state_bank import BANKED_FIELDS, StateBank, pack_columns, unpack_columns
     from tdmr_ray.models import create_model
 
     torch.manual_seed(0)
-    runner = EdgeRunner(create_model("resnet20"), method_config("cema"))  # random weights: mechanics
+    runner = EdgeRunner(create_model("resnet20"),  # random weights: mechanics
+                        method_config("cema", settings={"edge.class_balanced_stats": True, "edge.stats_source": "upload"}
+                                      if class_stats else {}))
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8) for _ in range(3)]
     plain = [runner.new_device(f"d{i}") for i in range(3)]
@@ -282,9 +285,11 @@ def test_state_bank_parks_devices_without_changing_what_they_compute():
             got = runner.infer(banked[i], images).logits
             bank.park(i, banked[i])
             assert torch.equal(got, want), (b, i)
-    assert banked[2].version == 1 and len(bank.fields) == 2
+    fields = [f for f in BANKED_FIELDS if getattr(plain[0], f) is not None]
+    assert fields == ["affine", "stats", "class_stats"][:3 if class_stats else 2]
+    assert banked[2].version == 1 and len(bank.fields) == len(fields)
     assert sum(m.numel() for r in bank.fields.values() for m in r.matrices.values()) == 3 * sum(
-        v.numel() for v in [*plain[0].affine.values(), *plain[0].stats.values()])
+        v.numel() for f in fields for v in getattr(plain[0], f).values())
     # checkpoint columns: the bank's rows plus the parked states' small parts read back as the plain states
     flat = pack_columns([s.to_tensors() for s in banked]) | bank.columns()
     back = [EdgeDeviceState.from_tensors(e) for e in unpack_columns(load(save(flat)), 3)]

@@ -19,6 +19,7 @@ from ..data import to_float
 from ..models import get_norm_affine, norm_affine_parameters
 from . import state_io as sio
 from .config import CEMAConfig, check_config
+from .class_stats import ClassMomentProbe, balanced_stats
 from .filters import FilterState, Selection, select_uploads
 from .messages import Accounting, UpdateMessage, UploadMessage
 from .norm import (check_tbr_stats, convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode,
@@ -40,6 +41,8 @@ class EdgeDeviceState:
     batches: int = 0
     pending: UpdateMessage | None = None  # newest valid update, applied before the next batch
     shift: ShiftState = field(default_factory=ShiftState)  # shift detector (ShiftConfig)
+    # Per-class channel moments (edge.class_balanced_stats, tdmr_ray.cema.class_stats); None: not started.
+    class_stats: dict[str, torch.Tensor] | None = None
 
     def offer(self, update: UpdateMessage) -> bool:
         """Receive an update; keep it for the next batch if it is newer than anything held.
@@ -112,6 +115,7 @@ class EdgeDeviceState:
         sio.put(flat, "affine.", self.affine)
         sio.put(flat, "stats.", self.stats)
         sio.put(flat, "momentum.", self.momentum)
+        sio.put(flat, "class_stats.", self.class_stats)
         flat.update(self.shift.to_tensors())
         return flat
 
@@ -126,7 +130,8 @@ class EdgeDeviceState:
         acc = Accounting(**{k: int(v) for k, v in (sio.take(flat, "accounting.") or {}).items()})
         return cls(sio.tensor_str(sio.require(flat, "device_id")), affine, int(sio.require(flat, "version")),
                    sio.take(flat, "stats."), filt, sio.take(flat, "momentum.") or {}, acc,
-                   int(sio.require(flat, "batches")), shift=ShiftState.from_tensors(flat))
+                   int(sio.require(flat, "batches")), shift=ShiftState.from_tensors(flat),
+                   class_stats=sio.take(flat, "class_stats."))
 
 
 @dataclass
@@ -168,6 +173,9 @@ class EdgeRunner:
         check_config(cfg)
         # Statistics the edge moves itself: always without a cloud, else unless they come from it.
         self.local_stats = not uploads or cfg.edge.stats_source != "cloud"
+        # Class-balanced statistics replace the EMA of batch statistics where the edge moves its own.
+        self._class_probe = ClassMomentProbe(self.model) \
+            if cfg.edge.class_balanced_stats and self.uses_tbr and self.local_stats else None
         self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
         if cfg.shift.detect == "stats":
             first = next(iter(test_time_bn_modules(self.model).values()), None)
@@ -187,18 +195,31 @@ class EdgeRunner:
                 p.copy_(state.affine[k])
         if self.uses_tbr:
             load_tbr_stats(self.model, state.stats)
-        set_norm_mode(self.model, self.cfg.edge.norm, update_stats=self.uses_tbr and self.local_stats,
+        set_norm_mode(self.model, self.cfg.edge.norm,
+                      update_stats=self.uses_tbr and self.local_stats and self._class_probe is None,
                       mix_weight=self.cfg.edge.mix_weight, momentum=self.cfg.edge.tbr_momentum,
                       cumulative=self.cfg.edge.tbr_cumulative, total_var=self.cfg.edge.tbr_total_var)
 
     def forward(self, state: EdgeDeviceState, x: torch.Tensor) -> torch.Tensor:
         """Logits for ``x`` with the device's parameters (and its TBR statistics, moved here when local)."""
         self._load(state)
-        with torch.inference_mode():
-            logits = self.model(x)
+        probe = self._class_probe
+        if probe is not None:
+            probe.active = True
+        try:
+            with torch.inference_mode():
+                logits = self.model(x)
+        finally:
+            if probe is not None:
+                probe.active = False
         if self.uses_tbr:
             state.stats = read_tbr_stats(self.model)
-        return logits.clone()  # a normal tensor, usable outside inference mode
+        logits = logits.clone()  # a normal tensor, usable outside inference mode
+        if probe is not None:
+            state.class_stats = probe.update(state.class_stats, logits.argmax(-1), logits.shape[-1],
+                                             self.cfg.edge.tbr_momentum)
+            state.stats = balanced_stats(state.class_stats, state.stats)
+        return logits
 
     def _shift_reset(self, state: EdgeDeviceState) -> bool:
         """Reset the edge's parts of ``shift.reset``; True when the batch must be predicted again."""
@@ -212,7 +233,7 @@ class EdgeRunner:
                 state.pending = None
                 state.accounting.updates_stale += 1
         if "edge_stats" in parts and self.uses_tbr:
-            state.stats = None  # restart from the batch that showed the shift
+            state.stats = state.class_stats = None  # restart from the batch that showed the shift
             return True
         return "edge_affine" in parts
 
@@ -221,7 +242,7 @@ class EdgeRunner:
         ``shift`` announces a shift at this batch (used with ``shift.detect="oracle"`` only)."""
         state.apply_pending()
         x = images_to_input(images)
-        before = state.stats  # forward() replaces the dict, so this keeps the pre-batch statistics
+        before = state.stats, state.class_stats  # forward() replaces them: keep the pre-batch ones
         logits = self.forward(state, x)
         shifted = False
         if self.cfg.shift.detect == "oracle":
@@ -232,7 +253,7 @@ class EdgeRunner:
             shifted, state.shift.last_distance = observe(state.shift, *self._probe, len(images), self.cfg.shift)
         if shifted and self._shift_reset(state):
             if state.stats is not None:
-                state.stats = before  # the pass above moved them: predict again from where it started
+                state.stats, state.class_stats = before  # the pass above moved them: predict again from there
             logits = self.forward(state, x)
         state.batches += 1
         acc = state.accounting

@@ -19,7 +19,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-BANKED_FIELDS = ("affine", "stats")  # EdgeDeviceState fields held as rows (None: nothing stored)
+# EdgeDeviceState fields held as rows (None: nothing stored); class_stats: edge.class_balanced_stats
+BANKED_FIELDS = ("affine", "stats", "class_stats")
 
 
 class _FieldRows:
@@ -73,9 +74,10 @@ class _FieldRows:
 
 
 class StateBank:
-    """The ``affine`` and ``stats`` fields of ``n`` :class:`~tdmr_ray.cema.EdgeDeviceState` as rows.
+    """The ``BANKED_FIELDS`` (affine parameters, statistics, per-class moments) of ``n``
+    :class:`~tdmr_ray.cema.EdgeDeviceState` as rows.
 
-    A parked state has ``affine = stats = None``; :meth:`unpark` gives it views into its rows again
+    A parked state has those fields set to None; :meth:`unpark` gives it views into its rows again
     (writes through them land in the bank; replacing the dicts, as a batch does, is caught by the next
     :meth:`park`). Layouts are taken from the first state parked with the field set."""
 
