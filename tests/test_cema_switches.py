@@ -256,6 +256,8 @@ def test_unknown_switch_values_are_refused(model):
         EdgeRunner(model, cfg_with("cema", edge={"stats_source": "nowhere"}))
     with pytest.raises(ValueError, match="shift.reset"):
         CloudAdapter(model, model, cfg_with("cema", shift={"reset": ["everything"]}))
+    with pytest.raises(ValueError, match="class_balanced_stats"):
+        method_config("cema_plus", settings={"edge.class_balanced_stats": True, "edge.tbr_cumulative": True})
 
 
 def test_settings_apply_over_the_methods_own_switches():

@@ -234,6 +234,9 @@ def check_config(cfg: "CEMAConfig") -> None:
                          " replay draws are sampled without replacement")
     if cfg.edge.stats_source not in ("local", "cloud", "upload"):
         raise ValueError(f"edge.stats_source must be 'local', 'cloud' or 'upload', got {cfg.edge.stats_source!r}")
+    if cfg.edge.class_balanced_stats and (cfg.edge.tbr_cumulative or cfg.edge.tbr_total_var):
+        raise ValueError("edge.class_balanced_stats computes the edge's statistics itself: it does not combine with "
+                         "edge.tbr_cumulative or edge.tbr_total_var")
     if cfg.shift.detect not in ("off", "oracle", "stats"):
         raise ValueError(f"shift.detect must be 'off', 'oracle' or 'stats', got {cfg.shift.detect!r}")
     unknown = sorted(set(cfg.shift.reset) - set(SHIFT_PARTS))
