@@ -36,20 +36,18 @@ BURST_MOMENTUM = 0.3
 
 
 class ClassMomentProbe:
-    """Forward pre-hooks that record each TBR layer's per-sample channel moments while ``active``."""
+    """Forward pre-hooks that record each TBR layer's per-sample channel moments on every forward."""
 
     def __init__(self, model: nn.Module):
         self.layers: dict[str, TestTimeBatchNorm2d] = test_time_bn_modules(model)
-        self.active = False
         self.moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         for name, module in self.layers.items():
             module.register_forward_pre_hook(self._hook(name))
 
     def _hook(self, name: str):
         def record(module, args) -> None:
-            if self.active:
-                x = args[0].detach().float()
-                self.moments[name] = (x.mean((2, 3)), x.square().mean((2, 3)), x.shape[2] * x.shape[3])
+            x = args[0].detach().float()
+            self.moments[name] = (x.mean((2, 3)), x.square().mean((2, 3)), x.shape[2] * x.shape[3])
         return record
 
     def update(self, class_stats: dict[str, torch.Tensor] | None, predictions: torch.Tensor, num_classes: int,
@@ -61,7 +59,8 @@ class ClassMomentProbe:
         seen_now = hist > 0
         counts = hist.clamp_min(1)[:, None]
         first = class_stats is None
-        prev_seen = torch.zeros(num_classes, dtype=torch.bool) if first else class_stats["seen"].bool()
+        long_run = torch.zeros(num_classes) if first else class_stats["class_count"]
+        prev_seen = long_run > 0
         out: dict[str, torch.Tensor] = {}
         # A class seen for the first time starts at its batch moments; a seen one moves by EMA.
         step = (torch.where(prev_seen, momentum, 1.0) * seen_now)[:, None]
@@ -79,7 +78,6 @@ class ClassMomentProbe:
                 old_m1, old_m2 = class_stats[f"{name}.m1"], class_stats[f"{name}.m2"]
             out[f"{name}.m1"] = old_m1 + step * (batch_m1 - old_m1)
             out[f"{name}.m2"] = old_m2 + step * (batch_m2 - old_m2)
-        long_run = torch.zeros(num_classes) if first else class_stats["class_count"]
         if first:
             burst = torch.tensor(0.0)
         else:
@@ -87,7 +85,6 @@ class ClassMomentProbe:
             burst = class_stats["burst"] + BURST_MOMENTUM * (tv - class_stats["burst"])
         out["class_count"] = long_run + hist
         out["burst"] = burst
-        out["seen"] = (prev_seen | seen_now).to(torch.uint8)
         self.moments = {}
         return out
 
@@ -100,7 +97,7 @@ def burst_weight(class_stats: dict[str, torch.Tensor]) -> float:
 def balanced_stats(class_stats: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``stats`` (TBR statistics) with each layer's running mean and variance set to the blend of the
     plain EMA and the equal-weight mixture of the seen classes' moments (module docstring)."""
-    seen = class_stats["seen"].bool()
+    seen = class_stats["class_count"] > 0
     lam = burst_weight(class_stats)
     out = dict(stats)
     for key in stats:

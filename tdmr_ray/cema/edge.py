@@ -203,20 +203,13 @@ class EdgeRunner:
     def forward(self, state: EdgeDeviceState, x: torch.Tensor) -> torch.Tensor:
         """Logits for ``x`` with the device's parameters (and its TBR statistics, moved here when local)."""
         self._load(state)
-        probe = self._class_probe
-        if probe is not None:
-            probe.active = True
-        try:
-            with torch.inference_mode():
-                logits = self.model(x)
-        finally:
-            if probe is not None:
-                probe.active = False
+        with torch.inference_mode():
+            logits = self.model(x)  # (the class probe's hooks record the layers' moments)
         if self.uses_tbr:
             state.stats = read_tbr_stats(self.model)
         logits = logits.clone()  # a normal tensor, usable outside inference mode
-        if probe is not None:
-            state.class_stats = probe.update(state.class_stats, logits.argmax(-1), logits.shape[-1],
+        if self._class_probe is not None:
+            state.class_stats = self._class_probe.update(state.class_stats, logits.argmax(-1), logits.shape[-1],
                                              self.cfg.edge.tbr_momentum)
             state.stats = balanced_stats(state.class_stats, state.stats)
         return logits
