@@ -78,8 +78,8 @@ def _job(mode: str, seed: int, label: str, method: str, overrides: dict, cfg_dic
     result = None
     cpu_start = time.process_time()
     for run in _RUNS[mode, seed]:
-        r = run_stream(method, _MODELS["edge"], _MODELS["foundation"], run, cfg, trace=True,
-                       settings={k: v for k, v in overrides.items() if k.startswith("filter.")})
+        # (a variant's settings apply over its method's own, those the method fixes included)
+        r = run_stream(method, _MODELS["edge"], _MODELS["foundation"], run, cfg, trace=True, settings=overrides)
         result = r if result is None else result.merge(r)
     by_corruption = result.accuracy_by_tag()
     acc = result.accounting

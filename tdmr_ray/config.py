@@ -143,7 +143,10 @@ def load_config(cls: type[C], argv: Sequence[str] | None = None, presets: dict[s
     cfg = cls()
     cfg = _apply(cfg, presets.get(preset, {}), f"preset {preset!r}")
     cfg = _apply(cfg, file_values, str(config_file))
-    return _apply(cfg, flag_values, "command-line flags")
+    cfg = _apply(cfg, flag_values, "command-line flags")
+    if hasattr(cfg, "with_explicit_keys"):  # a config that must know what the user set (FleetConfig)
+        cfg = cfg.with_explicit_keys(sorted(set(flatten(file_values)) | set(flatten(flag_values))))
+    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -131,6 +131,38 @@ def test_device_statistics_travel_with_uploads_and_the_cloud_distils_under_them(
         cloud.process(dataclasses.replace(out.upload, stats=bad))
 
 
+def test_split_statistics_early_layers_from_the_device_later_ones_from_the_cloud(model):
+    """edge.stats_source="split": the cloud distils with the uploader's statistics in the first
+    split_layer layers and its own (moved by its steps) in the later ones; updates carry only the
+    later layers', which the device takes over while keeping its own early ones."""
+    from tdmr_ray.cema.norm import test_time_bn_modules
+
+    cfg = cfg_with("cema", edge={"stats_source": "split", "split_layer": 7}, cloud=small(),
+                   filter={"redundancy": False, "low_info": False, "unreliable": False})
+    edge = EdgeRunner(model, cfg)
+    state = edge.new_device("d")
+    cloud = CloudAdapter(model, model, cfg)
+    names = list(test_time_bn_modules(cloud.edge))
+    early, late = f"{names[0]}.running_mean", f"{names[-1]}.running_mean"
+    for i in range(3):
+        out = edge.infer(state, images(8, i))
+        assert out.upload.stats is not None
+        sent = {k: v.clone() for k, v in out.upload.stats.items()}
+        update = cloud.process(out.upload)
+        held = cloud.keys["d"].edge.stats
+        assert torch.equal(held[early], sent[early])  # the device's, as uploaded
+        if i:
+            assert not torch.equal(held[late], sent[late])  # the cloud's own, moved by its steps
+    assert update is not None and update.stats is not None
+    assert {k.rsplit(".", 1)[0] for k in update.stats} == set(names[7:])  # later layers only
+    device_early = state.stats[early].clone()
+    assert state.offer(update) and state.apply_pending()
+    assert torch.equal(state.stats[late], update.stats[late]) and torch.equal(state.stats[early], device_early)
+    edge.infer(state, images(8, 9))  # a full set of statistics again: the device runs on
+    with pytest.raises(ValueError, match="split_layer"):
+        CloudAdapter(model, model, cfg_with("cema", edge={"stats_source": "split", "split_layer": -1}))
+
+
 def test_upload_stats_momentum_averages_the_uploaded_device_statistics(model):
     cfg = cfg_with("cema", edge={"stats_source": "upload"}, cloud=small(upload_stats_momentum=0.25),
                    filter={"redundancy": False, "low_info": False, "unreliable": False})

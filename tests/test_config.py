@@ -47,3 +47,25 @@ def test_unknown_keys_and_flags_are_named(tmp_path, capsys):
         load_config(Cfg, ["--config", str(yml)], PRESETS)
     with pytest.raises(SystemExit):
         load_config(Cfg, ["--preset", "huge"], PRESETS)
+
+
+def test_fleet_users_settings_win_over_the_methods_own(tmp_path):
+    """A method's preset (cema_plus: source pull 0.01, device statistics) must not silently replace
+    what the user set by flag or file, also where the user sets the reference's default value."""
+    from tdmr_ray.cema import METHODS
+    from tdmr_ray.fleet import FLEET_PRESETS, FleetConfig
+
+    own = dict(METHODS["cema_plus"].settings)
+    assert own["cloud.source_pull"] == 0.01 and own["edge.stats_source"] == "upload"
+    plain = load_config(FleetConfig, ["--method", "cema_plus"], FLEET_PRESETS).cema_config()
+    assert (plain.cloud.source_pull, plain.edge.stats_source) == (0.01, "upload")
+    yml = tmp_path / "fleet.yaml"
+    yml.write_text("cema:\n  edge:\n    stats_source: local\n")
+    cfg = load_config(FleetConfig, ["--config", str(yml), "--method", "cema_plus",
+                                    "--cema.cloud.source-pull", "0"], FLEET_PRESETS)
+    assert cfg.cema_pinned == ["cloud.source_pull", "edge.stats_source"]
+    resolved = cfg.cema_config()
+    assert (resolved.cloud.source_pull, resolved.edge.stats_source) == (0.0, "local")
+    assert resolved.shift.detect == own["shift.detect"]  # what the user left alone stays the method's
+    with pytest.raises(ValueError, match="unknown cema key 'cloud.nope'"):
+        FleetConfig(cema_pinned=["cloud.nope"]).cema_config()

@@ -31,8 +31,8 @@ from . import state_io as sio
 from .config import CEMAConfig, check_config
 from .losses import distillation_loss, weighted_entropy_loss
 from .messages import UpdateMessage, UploadMessage, validate_upload
-from .norm import (check_tbr_stats, convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode,
-                   set_sample_stats, test_time_bn_modules)
+from .norm import (check_tbr_stats, convert_to_test_time_bn, later_layers, load_tbr_stats, read_tbr_stats,
+                   set_norm_mode, set_sample_stats, stats_of_layers, test_time_bn_modules)
 from .sample_stats import StatsBank
 from .sgd import sgd_momentum_step
 
@@ -96,8 +96,11 @@ class CloudAdapter:
             raise ValueError("foundation and edge models predict different numbers of classes")
         e_max_frac = cfg.cloud.e_max_frac if cfg.cloud.e_max_frac is not None else cfg.filter.e_max_frac
         self.e_max = e_max_frac * math.log(self.num_classes)
-        self.send_stats = cfg.edge.stats_source == "cloud"
+        self.send_stats = cfg.edge.stats_source in ("cloud", "split")
         self.device_stats = cfg.edge.stats_source == "upload"  # the edge copy runs on the uploader's statistics
+        # "split": the first edge.split_layer layers run on the uploader's statistics, the later ones
+        # on the cloud copy's own (and only those go down with the updates)
+        self._cloud_layers = later_layers(self.edge, cfg.edge.split_layer) if cfg.edge.stats_source == "split" else None
         self.sample_stats = cfg.cloud.sample_stats  # "" | "own" | "newest" (tdmr_ray.cema.sample_stats)
         self._norm_layers = list(test_time_bn_modules(self.edge))
         self._stats_reference = read_tbr_stats(self.edge)  # keys and shapes uploads must match
@@ -135,6 +138,9 @@ class CloudAdapter:
         if upload.stats is not None and self.device_stats:
             ks.edge.stats = _follow_stats(ks.edge.stats, upload.stats, self.cfg.cloud.upload_stats_momentum,
                                           self.device)
+        elif upload.stats is not None and self._cloud_layers is not None:  # later layers: the cloud's own, once started
+            own = stats_of_layers(ks.edge.stats, self._cloud_layers) if ks.edge.stats is not None else {}
+            ks.edge.stats = {**{k: v.to(self.device, copy=True) for k, v in upload.stats.items()}, **own}
         new = torch.tensor(upload.images, device=self.device)  # a copy: Ray hands read-only arrays
         ks.samples_received += len(new)
         # As the reference: uploads enter the replay buffer when they arrive.
@@ -186,9 +192,11 @@ class CloudAdapter:
         """The current parameters for ``key`` (e.g. for a device that (re)joins)."""
         ks = self._key_state(key)
         self.counters["updates_sent"] += 1
+        stats = ks.edge.stats if self.send_stats else None
+        if stats is not None and self._cloud_layers is not None:
+            stats = stats_of_layers(stats, self._cloud_layers)
         msg = UpdateMessage(key, ks.version, {k: v.detach().cpu().clone() for k, v in ks.edge.affine.items()},
-                            {k: v.detach().cpu().clone() for k, v in ks.edge.stats.items()}
-                            if self.send_stats and ks.edge.stats is not None else None)
+                            {k: v.detach().cpu().clone() for k, v in stats.items()} if stats is not None else None)
         self.counters["bytes_down"] += msg.nbytes
         return msg
 
@@ -321,6 +329,9 @@ class CloudAdapter:
         # (With device statistics the edge copy normalizes exactly as the uploader does.)
         set_norm_mode(self.edge, "tbr", update_stats=not self.device_stats, momentum=c.tbr_momentum,
                       total_var=c.tbr_total_var)
+        if self._cloud_layers is not None:  # the uploader's layers stay as uploaded
+            for name, m in test_time_bn_modules(self.edge).items():
+                m.train(name in self._cloud_layers)
         if self.sample_stats and ks.edge.stats is not None:
             ids = ids if self.sample_stats == "own" else torch.full_like(ids, -1)
             set_sample_stats(self.edge, ks.bank.gather(ids, ks.edge.stats, self._norm_layers))

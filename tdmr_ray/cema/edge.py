@@ -79,7 +79,9 @@ class EdgeDeviceState:
             if not v.is_floating_point() or not torch.isfinite(v).all():
                 raise ValueError(f"update v{update.version}: parameter {k} is not finite")
         if update.stats is not None and self.stats is not None:
-            check_tbr_stats(self.stats, update.stats)
+            # (with edge.stats_source="split" an update carries the later layers' statistics only)
+            partial = set(update.stats) < set(self.stats)
+            check_tbr_stats({k: self.stats[k] for k in update.stats} if partial else self.stats, update.stats)
         elif update.stats is not None:  # no statistics yet: check them against the layer widths
             for k, v in update.stats.items():
                 weight = self.affine.get(k.rsplit(".", 1)[0] + ".weight")
@@ -95,7 +97,7 @@ class EdgeDeviceState:
             return False
         self.affine = {k: v.detach().to(self.affine[k].device, torch.float32).clone() for k, v in update.params.items()}
         if update.stats is not None:
-            self.stats = {k: v.detach().clone() for k, v in update.stats.items()}
+            self.stats = {**(self.stats or {}), **{k: v.detach().clone() for k, v in update.stats.items()}}
         self.version = update.version
         self.accounting.updates_applied += 1
         return True
@@ -256,7 +258,7 @@ class EdgeRunner:
             return EdgeResult(logits, None, None, shifted)
         sel = select_uploads(logits, state.filter, self.cfg.filter)
         keep = sel.keep.numpy()
-        stats = state.stats if self.cfg.edge.stats_source == "upload" and self.uses_tbr else None
+        stats = state.stats if self.cfg.edge.stats_source in ("upload", "split") and self.uses_tbr else None
         upload = UploadMessage(state.device_id, np.ascontiguousarray(images[keep]), state.version,
                                sel.entropies[sel.keep].numpy().astype(np.float32), state.batches,
                                shift_epoch=state.shift.epoch,

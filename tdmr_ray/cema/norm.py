@@ -182,6 +182,16 @@ def set_sample_stats(model: nn.Module, stats: dict[str, tuple[torch.Tensor, torc
         m.sample_stats = None if stats is None else stats[n]
 
 
+def later_layers(model: nn.Module, first: int) -> set[str]:
+    """Names of the test-time BN layers from index ``first`` on (module order)."""
+    return set(list(test_time_bn_modules(model))[first:])
+
+
+def stats_of_layers(stats: dict[str, torch.Tensor], layers: set[str]) -> dict[str, torch.Tensor]:
+    """The entries of TBR statistics ``stats`` (``<module>.<buffer>``) that belong to ``layers``."""
+    return {k: v for k, v in stats.items() if k.rsplit(".", 1)[0] in layers}
+
+
 def read_tbr_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the TBR running statistics, keyed ``<module>.running_mean`` etc."""
     return {f"{n}.{b}": getattr(m, b).detach().clone()

@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from ..cema import CloudAdapter, UploadMessage, method_config
+from ..cema import CloudAdapter, UploadMessage
 from ..registry import Registry
 from ..runtime import resolve_model
 from ..storage import RunStore
@@ -72,7 +72,7 @@ class CloudAdapterActor:
         self.state_name = f"cema-adapter-{self.run_id}" + (f"-shard{shard}" if shards > 1 else "")
         device = "cuda" if cfg.adapter_gpus and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(1)
-        cema_cfg = method_config(cfg.method, cfg.cema)
+        cema_cfg = cfg.cema_config()
         self.batch = cema_cfg.cloud.batch_size
         self.core = CloudAdapter(resolve_model(cfg.foundation, cfg.storage), resolve_model(cfg.edge, cfg.storage),
                                  cema_cfg, device=device)

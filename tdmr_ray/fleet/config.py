@@ -1,9 +1,10 @@
 """Settings of a fleet run (``jobs/cema.py``): devices, streams, the cloud adapter, the method."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from ..cema.config import CEMAConfig, CloudConfig, EdgeConfig, FilterConfig, redundancy_margin_for
+from ..cema.config import CEMAConfig, CloudConfig, EdgeConfig, FilterConfig, method_config, redundancy_margin_for
 from ..runtime import CommonConfig
 
 
@@ -84,6 +85,32 @@ class FleetConfig(CommonConfig):
     progress_interval_s: float = 5.0  # hosts post running totals, the driver prints a progress line, this often
     plot: bool = True
     cema: CEMAConfig = field(default_factory=fleet_cema_config)
+    # cema.* keys (dotted, e.g. "cloud.source_pull") whose values above win over the method's own
+    # settings (METHODS; e.g. cema_plus sets cloud.source_pull=0.01). The loader adds every cema key
+    # the YAML file or the flags set, so `--method cema_plus --cema.cloud.source-pull 0` turns
+    # cema_plus's pull off; without it a method's settings would silently replace the user's.
+    cema_pinned: list[str] = field(default_factory=list)
+
+    def with_explicit_keys(self, keys: list[str]) -> "FleetConfig":
+        """Called by the config loader with the dotted keys the file and flags set: pin the cema ones."""
+        given = {k[len("cema."):] for k in keys if k.startswith("cema.")}
+        return dataclasses.replace(self, cema_pinned=sorted(set(self.cema_pinned) | given))
+
+    def cema_config(self) -> CEMAConfig:
+        """The algorithm's settings of this run: ``cema`` with the method's preset applied, the pinned
+        keys keeping their values here (an unknown pinned key is a ValueError)."""
+        return method_config(self.method, self.cema, self.pinned_cema_values())
+
+    def pinned_cema_values(self) -> dict:
+        values = {}
+        for key in self.cema_pinned:
+            node = self.cema
+            for part in key.split("."):
+                if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+                    raise ValueError(f"cema_pinned: unknown cema key {key!r}")
+                node = getattr(node, part)
+            values[key] = node
+        return values
 
 
 FLEET_PRESETS = {

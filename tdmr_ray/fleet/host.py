@@ -34,7 +34,7 @@ import ray
 import torch
 from safetensors.torch import load, save
 
-from ..cema import EdgeDeviceState, UpdateMessage, UploadMessage, make_edge_runner, method_config
+from ..cema import EdgeDeviceState, UpdateMessage, UploadMessage, make_edge_runner
 from ..runtime import resolve_model
 from ..storage import RunStore
 from . import streams
@@ -64,7 +64,7 @@ class DeviceHost:
         self.progress, self.posted_at = progress, 0.0  # a FleetProgress actor (None: no progress posts)
         self.pools = pools  # corruption -> (images, labels), shared read-only via the object store
         self.runner = make_edge_runner(cfg.method, resolve_model(cfg.edge, cfg.storage),
-                                       method_config(cfg.method, cfg.cema))
+                                       cfg.cema_config())
         self.devices = [streams.device_id(i) for i in device_indices]
         self.group = {streams.device_id(i): streams.device_group(i, cfg.corruptions) for i in device_indices}
         self.key = {d: (d if cfg.key_by == "device" else g) for d, g in self.group.items()}

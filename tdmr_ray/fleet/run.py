@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from ..cema import METHODS, method_config
+from ..cema import METHODS
 from ..data import load_dataset
 from ..registry import Registry
 from ..runtime import JobRun, init_ray, resolve_model
@@ -37,7 +37,9 @@ def check_config(cfg: FleetConfig) -> None:
                  "adapters", "adapter_coalesce", "min_upload"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    method_config(cfg.method, cfg.cema)  # the algorithm's settings, before any actor starts (cema.*)
+    cema = cfg.cema_config()  # the algorithm's settings, before any actor starts (cema.*)
+    if cema.edge.stats_source == "split":
+        raise ValueError("edge.stats_source='split' is a diagnostic of the algorithm bench; the fleet does not run it")
 
 
 def fleet_run_id(cfg: FleetConfig, run: JobRun) -> str:
@@ -119,6 +121,11 @@ def run_fleet(cfg: FleetConfig, run: JobRun) -> tuple[dict, str]:
     ray.get([h.ready.remote() for h in hosts] + [a.stats.remote() for a in adapters])
     print(f"[cema] {cfg.devices} devices on {n_hosts} host actor(s), {len(adapters)} adapter shard(s), method {cfg.method}, "
           f"groups {cfg.corruptions} (severity {cfg.severity}), key_by {cfg.key_by}", flush=True)
+    own = dict(METHODS[cfg.method].settings)
+    kept = {k: v for k, v in cfg.pinned_cema_values().items() if k in own and own[k] != v}
+    if kept:
+        print(f"[cema] your settings win over method {cfg.method}'s: "
+              + ", ".join(f"{k}={v!r} (method: {own[k]!r})" for k, v in kept.items()), flush=True)
     series, start, last = [], time.monotonic(), {"seen": 0, "correct": 0}
     with run.phase("stream"):
         # Each host runs its whole stream in one call (checkpointing as it goes); the driver only
