@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..cema.config import CEMAConfig, CloudConfig, EdgeConfig, FilterConfig, method_config, redundancy_margin_for
+from ..config import flatten
 from ..runtime import CommonConfig
 
 
@@ -102,15 +103,11 @@ class FleetConfig(CommonConfig):
         return method_config(self.method, self.cema, self.pinned_cema_values())
 
     def pinned_cema_values(self) -> dict:
-        values = {}
-        for key in self.cema_pinned:
-            node = self.cema
-            for part in key.split("."):
-                if not dataclasses.is_dataclass(node) or not hasattr(node, part):
-                    raise ValueError(f"cema_pinned: unknown cema key {key!r}")
-                node = getattr(node, part)
-            values[key] = node
-        return values
+        values = flatten(dataclasses.asdict(self.cema))
+        unknown = sorted(set(self.cema_pinned) - set(values))
+        if unknown:
+            raise ValueError(f"cema_pinned: unknown cema key {unknown[0]!r}")
+        return {k: values[k] for k in self.cema_pinned}
 
 
 FLEET_PRESETS = {
