@@ -81,7 +81,7 @@ def test_unreliable_and_low_info_exclusion_static_thresholds():
     e_max, e_min = 0.4 * LN10, 0.02 * LN10
     assert sel.e_max == pytest.approx(e_max)
     assert sel.keep.tolist() == [i for i, h in enumerate(ents) if e_min < h < e_max] == [1]
-    assert sel.excluded == {"unreliable": 2, "low_info": 1, "redundant": 0}
+    assert sel.excluded == {"unreliable": 2, "low_info": 1, "redundant": 0, "over_budget": 0}
     off = select_uploads(logits, FilterState(), dataclasses.replace(cfg, unreliable=False, low_info=False))
     assert off.keep.tolist() == [0, 1, 2, 3] and math.isinf(off.e_max)
 
@@ -122,6 +122,21 @@ def test_redundancy_filter_cosine_to_moving_average():
     assert sel.keep.tolist() == [1, 2] and sel.excluded["redundant"] == 1
     expected = 0.9 * h + 0.1 * p2[1:].numpy().mean(0)
     assert state.history_probs.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_budget_keeps_a_fixed_share_picked_at_random_or_by_entropy():
+    logits, ents = batch_with_entropies()  # 4 samples
+    cfg = FilterConfig(unreliable=False, low_info=False, redundancy=False, budget_fraction=0.5)
+    by_entropy = sorted(range(4), key=lambda i: ents[i])
+    uncertain = select_uploads(logits, FilterState(), dataclasses.replace(cfg, budget_pick="uncertain"))
+    assert uncertain.keep.tolist() == sorted(by_entropy[2:]) and uncertain.excluded["over_budget"] == 2
+    confident = select_uploads(logits, FilterState(), dataclasses.replace(cfg, budget_pick="confident"))
+    assert confident.keep.tolist() == sorted(by_entropy[:2])
+    picks = [select_uploads(logits, FilterState(n_seen=n), cfg).keep.tolist() for n in range(20)]
+    assert all(len(p) == 2 for p in picks) and len({tuple(p) for p in picks}) > 1  # random, by position
+    assert picks == [select_uploads(logits, FilterState(n_seen=n), cfg).keep.tolist() for n in range(20)]
+    with pytest.raises(ValueError, match="budget_pick"):
+        method_config("cema", settings={"filter.budget_pick": "largest"})
 
 
 def test_method_presets_set_switches_and_keep_thresholds():

@@ -57,6 +57,12 @@ class FilterConfig:
     redundancy: bool = True
     redundancy_margin: float = 0.05
     redundancy_momentum: float = 0.9
+    # Diagnostic (beyond the paper, off in every preset): after the rules above, keep
+    # ceil(budget_fraction * batch) of the batch, picked by ``budget_pick``: "random",
+    # "uncertain" (highest entropy first) or "confident" (lowest first). With the rules off it
+    # separates how many samples the cloud gets from which ones.
+    budget_fraction: float = 0.0
+    budget_pick: str = "random"
 
     def with_preset(self, preset: str) -> "FilterConfig":
         """These settings with the on/off switches of a preset from ``FILTER_PRESETS``."""
@@ -64,6 +70,8 @@ class FilterConfig:
             raise ValueError(f"unknown filter preset {preset!r}; choose from {sorted(FILTER_PRESETS)}")
         return dataclasses.replace(self, **FILTER_PRESETS[preset])
 
+
+BUDGET_PICKS = ("random", "uncertain", "confident")
 
 # The switches of each selection rule; thresholds stay as configured.
 FILTER_PRESETS: dict[str, dict[str, bool]] = {
@@ -247,6 +255,10 @@ def check_config(cfg: "CEMAConfig") -> None:
     if cfg.edge.class_balanced_stats and (cfg.edge.tbr_cumulative or cfg.edge.tbr_total_var):
         raise ValueError("edge.class_balanced_stats computes the edge's statistics itself: it does not combine with "
                          "edge.tbr_cumulative or edge.tbr_total_var")
+    if not 0.0 <= cfg.filter.budget_fraction <= 1.0:
+        raise ValueError(f"filter.budget_fraction must be in [0, 1] (0: off), got {cfg.filter.budget_fraction}")
+    if cfg.filter.budget_pick not in BUDGET_PICKS:
+        raise ValueError(f"filter.budget_pick must be one of {BUDGET_PICKS}, got {cfg.filter.budget_pick!r}")
     if cfg.shift.detect not in ("off", "oracle", "stats"):
         raise ValueError(f"shift.detect must be 'off', 'oracle' or 'stats', got {cfg.shift.detect!r}")
     unknown = sorted(set(cfg.shift.reset) - set(SHIFT_PARTS))

@@ -267,6 +267,7 @@ class EdgeRunner:
         acc.excluded_unreliable += sel.excluded.get("unreliable", 0)
         acc.excluded_low_info += sel.excluded.get("low_info", 0)
         acc.excluded_redundant += sel.excluded.get("redundant", 0)
+        acc.excluded_over_budget += sel.excluded.get("over_budget", 0)
         if len(keep):
             acc.uploads += 1
             acc.bytes_up += upload.nbytes

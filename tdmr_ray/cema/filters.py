@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .config import FilterConfig
 from .losses import entropy
 
-EXCLUSION_REASONS = ("unreliable", "low_info", "redundant")
+EXCLUSION_REASONS = ("unreliable", "low_info", "redundant", "over_budget")
 
 
 @dataclass
@@ -97,4 +97,22 @@ def select_uploads(logits: torch.Tensor, state: FilterState, cfg: FilterConfig) 
         kept = keep[redundancy_filter(logits[keep].softmax(-1), state, cfg)]
         excluded["redundant"] = len(keep) - len(kept)
         keep = kept
+    if cfg.budget_fraction:
+        kept = budget_pick(keep, ent, math.ceil(cfg.budget_fraction * len(logits)), cfg.budget_pick, state.n_seen)
+        excluded["over_budget"] = len(keep) - len(kept)
+        keep = kept
     return Selection(keep, ent, e_max, excluded)
+
+
+def budget_pick(keep: torch.Tensor, ent: torch.Tensor, k: int, pick: str, stream_position: int) -> torch.Tensor:
+    """``k`` of the ``keep`` indices (ascending): random, highest or lowest entropy first.
+
+    The random pick is seeded by the stream position, so a stream's picks repeat run to run.
+    """
+    if len(keep) <= k:
+        return keep
+    if pick == "random":
+        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(stream_position))
+    else:
+        order = torch.argsort(ent[keep], descending=pick == "uncertain")
+    return keep[order[:k]].sort().values

@@ -93,6 +93,7 @@ class Accounting:
     excluded_unreliable: int = 0
     excluded_low_info: int = 0
     excluded_redundant: int = 0
+    excluded_over_budget: int = 0  # the diagnostic filter.budget_fraction
     not_uploaded: int = 0
     uploads: int = 0  # upload messages that carried at least one sample
     bytes_up: int = 0  # uint8 image bytes
@@ -110,7 +111,8 @@ class Accounting:
 
     @property
     def excluded(self) -> int:
-        return self.excluded_unreliable + self.excluded_low_info + self.excluded_redundant
+        return (self.excluded_unreliable + self.excluded_low_info + self.excluded_redundant
+                + self.excluded_over_budget)
 
     @property
     def upload_fraction(self) -> float:
