@@ -385,3 +385,34 @@ def test_class_balanced_statistics_follow_the_classes_not_their_bursts():
     assert all(torch.equal(restored.class_stats[k], v) for k, v in state.class_stats.items())
     edge.infer(state, _two_class_batch([1] * 32, rng), shift=True)  # a detected shift: restart
     assert float(state.class_stats["class_count"].sum()) == 32 and float(state.class_stats["burst"]) == 0.0
+
+
+def test_split_gate_takes_cloud_statistics_only_while_the_classes_come_in_bursts():
+    """edge.split_gate="burst": on a shuffled stream uploads ask for no cloud statistics (the cloud
+    distils under the device's, updates carry none); once the predicted classes come in bursts they
+    do, and the updates carry the cloud copy's later-layer statistics, which the device applies."""
+    rng = np.random.default_rng(0)
+    cfg = cfg_with("cema", edge={"stats_source": "split", "split_layer": 0, "split_gate": "burst"}, cloud=small(),
+                   filter={"redundancy": False, "low_info": False, "unreliable": False})
+    edge = EdgeRunner(_two_class_model(), cfg)
+    cloud = CloudAdapter(_two_class_model(), _two_class_model(), cfg, image_shape=(8, 8, 3))
+    state = edge.new_device("d")
+    for _ in range(6):
+        out = edge.infer(state, _two_class_batch([0, 1] * 4, rng))
+        update = cloud.process(out.upload)
+        assert not out.upload.split and update.stats is None
+        assert torch.equal(cloud.keys["d"].edge.stats["1.running_mean"], out.upload.stats["1.running_mean"])
+    flags = []
+    for run in range(4):
+        for _ in range(4):
+            out = edge.infer(state, _two_class_batch([run % 2] * 8, rng))
+            update = cloud.process(out.upload)
+            flags.append(out.upload.split)
+            state.offer(update)
+    assert not flags[0] and all(flags[-8:])  # bursty once the burst level passed the midpoint
+    assert update.stats is not None and set(update.stats) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert not torch.equal(update.stats["1.running_mean"], out.upload.stats["1.running_mean"])  # the cloud's own
+    state.apply_pending()
+    assert torch.equal(state.stats["1.running_mean"], update.stats["1.running_mean"])
+    with pytest.raises(ValueError, match="split_gate"):
+        method_config("cema", settings={"edge.split_gate": "burst"})  # (needs stats_source="split")

@@ -59,8 +59,7 @@ class ClassMomentProbe:
         seen_now = hist > 0
         counts = hist.clamp_min(1)[:, None]
         first = class_stats is None
-        long_run = torch.zeros(num_classes) if first else class_stats["class_count"]
-        prev_seen = long_run > 0
+        prev_seen = (class_stats["class_count"] if not first else torch.zeros(num_classes)) > 0
         out: dict[str, torch.Tensor] = {}
         # A class seen for the first time starts at its batch moments; a seen one moves by EMA.
         step = (torch.where(prev_seen, momentum, 1.0) * seen_now)[:, None]
@@ -78,15 +77,24 @@ class ClassMomentProbe:
                 old_m1, old_m2 = class_stats[f"{name}.m1"], class_stats[f"{name}.m2"]
             out[f"{name}.m1"] = old_m1 + step * (batch_m1 - old_m1)
             out[f"{name}.m2"] = old_m2 + step * (batch_m2 - old_m2)
-        if first:
-            burst = torch.tensor(0.0)
-        else:
-            tv = 0.5 * (hist / hist.sum() - long_run / long_run.sum()).abs().sum()
-            burst = class_stats["burst"] + BURST_MOMENTUM * (tv - class_stats["burst"])
-        out["class_count"] = long_run + hist
-        out["burst"] = burst
+        out.update(update_burst(class_stats, hist))
         self.moments = {}
         return out
+
+
+def update_burst(class_stats: dict[str, torch.Tensor] | None, hist: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The long-run predicted-class counts and the burst level after a batch whose predicted-class
+    histogram is ``hist`` (``class_stats``: the state before it, None at the start)."""
+    if class_stats is None:
+        return {"class_count": hist.clone(), "burst": torch.tensor(0.0)}
+    long_run = class_stats["class_count"]
+    tv = 0.5 * (hist / hist.sum() - long_run / long_run.sum()).abs().sum()
+    return {"class_count": long_run + hist, "burst": class_stats["burst"] + BURST_MOMENTUM * (tv - class_stats["burst"])}
+
+
+def is_bursty(class_stats: dict[str, torch.Tensor] | None) -> bool:
+    """Whether the stream's predicted classes come in bursts (the blend's midpoint passed)."""
+    return class_stats is not None and burst_weight(class_stats) >= 0.5
 
 
 def burst_weight(class_stats: dict[str, torch.Tensor]) -> float:

@@ -70,6 +70,9 @@ class KeyState:
     samples_received: int = 0
     shift_resets: int = 0
     last_reset_step: int = 0
+    # edge.stats_source="split": 1 while the newest upload asked for the later layers' statistics from
+    # the cloud (the cloud copy moves its own there), 0 while it takes all of the device's
+    split: int = 0
     # device id -> the newest shift_epoch it uploaded with (ShiftConfig)
     device_epochs: dict[str, int] = field(default_factory=dict)
     # cloud.sample_stats only: the statistics id of each replay / pending sample (None: all unknown)
@@ -77,7 +80,8 @@ class KeyState:
     pending_ids: torch.Tensor | None = None
     bank: StatsBank = field(default_factory=StatsBank)
 
-    COUNTERS = ("version", "steps", "replay_only_steps", "samples_received", "shift_resets", "last_reset_step")
+    COUNTERS = ("version", "steps", "replay_only_steps", "samples_received", "shift_resets", "last_reset_step",
+                "split")
 
 
 class CloudAdapter:
@@ -135,7 +139,9 @@ class CloudAdapter:
         self.counters["uploads"] += 1
         ks = self._key_state(key or upload.device_id)
         self._maybe_shift_reset(ks, upload)
-        if upload.stats is not None and self.device_stats:
+        if upload.stats is not None and self._cloud_layers is not None:
+            ks.split = int(upload.split)
+        if upload.stats is not None and (self.device_stats or (self._cloud_layers is not None and not ks.split)):
             ks.edge.stats = _follow_stats(ks.edge.stats, upload.stats, self.cfg.cloud.upload_stats_momentum,
                                           self.device)
         elif upload.stats is not None and self._cloud_layers is not None:  # later layers: the cloud's own, once started
@@ -193,8 +199,8 @@ class CloudAdapter:
         ks = self._key_state(key)
         self.counters["updates_sent"] += 1
         stats = ks.edge.stats if self.send_stats else None
-        if stats is not None and self._cloud_layers is not None:
-            stats = stats_of_layers(stats, self._cloud_layers)
+        if stats is not None and self._cloud_layers is not None:  # the later layers, while split
+            stats = stats_of_layers(stats, self._cloud_layers) if ks.split else None
         msg = UpdateMessage(key, ks.version, {k: v.detach().cpu().clone() for k, v in ks.edge.affine.items()},
                             {k: v.detach().cpu().clone() for k, v in stats.items()} if stats is not None else None)
         self.counters["bytes_down"] += msg.nbytes
@@ -229,7 +235,7 @@ class CloudAdapter:
                           sio.require(flat, p + "replay").to(self.device),
                           sio.require(flat, p + "pending").to(self.device))
             for c in KeyState.COUNTERS:
-                if p + c in flat or c not in ("shift_resets", "last_reset_step"):  # (older checkpoints)
+                if p + c in flat or c not in ("shift_resets", "last_reset_step", "split"):  # (older checkpoints)
                     setattr(ks, c, int(sio.require(flat, p + c)))
             n_dev = len({k.split(".")[3] for k in flat if k.startswith(p + "device_epochs.")})
             ks.device_epochs = {sio.tensor_str(flat[f"{p}device_epochs.{j}.name"]):
@@ -327,9 +333,11 @@ class CloudAdapter:
         with torch.no_grad():
             teacher = self.foundation(x)
         # (With device statistics the edge copy normalizes exactly as the uploader does.)
-        set_norm_mode(self.edge, "tbr", update_stats=not self.device_stats, momentum=c.tbr_momentum,
+        split = self._cloud_layers is not None and ks.split
+        device_stats = self.device_stats or (self._cloud_layers is not None and not ks.split)
+        set_norm_mode(self.edge, "tbr", update_stats=not device_stats, momentum=c.tbr_momentum,
                       total_var=c.tbr_total_var)
-        if self._cloud_layers is not None:  # the uploader's layers stay as uploaded
+        if split:  # the uploader's layers stay as uploaded
             for name, m in test_time_bn_modules(self.edge).items():
                 m.train(name in self._cloud_layers)
         if self.sample_stats and ks.edge.stats is not None:

@@ -135,6 +135,11 @@ class EdgeConfig:
     # split_layer 13 (ResNet-20's last stage from the cloud): label-correlated +2.25 over 3 seeds,
     # reset / continual -0.33 / -0.50 (seed 0); not in a preset yet (README, CEMA diagnosis).
     split_layer: int = 13
+    # Beyond the paper, a diagnostic with stats_source="split": "burst" takes the later layers'
+    # statistics from the cloud only while the device's predicted classes come in bursts
+    # (class_stats.is_bursty; label-correlated streams), and all from the device otherwise (as
+    # "upload"); each upload says which. "off": always split.
+    split_gate: str = "off"
 
 
 @dataclass
@@ -250,6 +255,10 @@ def check_config(cfg: "CEMAConfig") -> None:
                          " replay draws are sampled without replacement")
     if cfg.edge.stats_source not in ("local", "cloud", "upload", "split"):
         raise ValueError(f"edge.stats_source must be 'local', 'cloud', 'upload' or 'split', got {cfg.edge.stats_source!r}")
+    if cfg.edge.split_gate not in ("off", "burst"):
+        raise ValueError(f"edge.split_gate must be 'off' or 'burst', got {cfg.edge.split_gate!r}")
+    if cfg.edge.split_gate != "off" and cfg.edge.stats_source != "split":
+        raise ValueError("edge.split_gate needs edge.stats_source='split'")
     if cfg.edge.split_layer < 0:
         raise ValueError(f"edge.split_layer must be >= 0, got {cfg.edge.split_layer}")
     if cfg.edge.class_balanced_stats and (cfg.edge.tbr_cumulative or cfg.edge.tbr_total_var):

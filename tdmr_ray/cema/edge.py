@@ -19,7 +19,7 @@ from ..data import to_float
 from ..models import get_norm_affine, norm_affine_parameters
 from . import state_io as sio
 from .config import CEMAConfig, check_config
-from .class_stats import ClassMomentProbe, balanced_stats
+from .class_stats import ClassMomentProbe, balanced_stats, is_bursty, update_burst
 from .filters import FilterState, Selection, select_uploads
 from .messages import Accounting, UpdateMessage, UploadMessage
 from .norm import (check_tbr_stats, convert_to_test_time_bn, load_tbr_stats, read_tbr_stats, set_norm_mode,
@@ -214,7 +214,16 @@ class EdgeRunner:
             state.class_stats = self._class_probe.update(state.class_stats, logits.argmax(-1), logits.shape[-1],
                                              self.cfg.edge.tbr_momentum)
             state.stats = balanced_stats(state.class_stats, state.stats)
+        elif self.cfg.edge.split_gate == "burst":  # the burst level alone
+            hist = torch.bincount(logits.argmax(-1), minlength=logits.shape[-1]).float()
+            state.class_stats = update_burst(state.class_stats, hist)
         return logits
+
+    def split_now(self, state: EdgeDeviceState) -> bool:
+        """Whether the device takes its later layers' statistics from the cloud now (stats_source "split")."""
+        if self.cfg.edge.stats_source != "split":
+            return False
+        return self.cfg.edge.split_gate == "off" or is_bursty(state.class_stats)
 
     def _shift_reset(self, state: EdgeDeviceState) -> bool:
         """Reset the edge's parts of ``shift.reset``; True when the batch must be predicted again."""
@@ -262,7 +271,8 @@ class EdgeRunner:
         upload = UploadMessage(state.device_id, np.ascontiguousarray(images[keep]), state.version,
                                sel.entropies[sel.keep].numpy().astype(np.float32), state.batches,
                                shift_epoch=state.shift.epoch,
-                               stats={k: v.clone() for k, v in stats.items()} if stats is not None else None)
+                               stats={k: v.clone() for k, v in stats.items()} if stats is not None else None,
+                               split=self.split_now(state))
         acc.uploaded += len(keep)
         acc.excluded_unreliable += sel.excluded.get("unreliable", 0)
         acc.excluded_low_info += sel.excluded.get("low_info", 0)

@@ -29,6 +29,9 @@ class UploadMessage:
     # and the TBR statistics it applies parameters with (float32 tensors, a few KB).
     shift_epoch: int = 0
     stats: dict[str, torch.Tensor] | None = None
+    # edge.stats_source="split": True when the device takes its later layers' statistics from the
+    # cloud (always, or while its stream is bursty with edge.split_gate="burst")
+    split: bool = False
 
     @property
     def nbytes(self) -> int:
