@@ -415,4 +415,4 @@ def test_split_gate_takes_cloud_statistics_only_while_the_classes_come_in_bursts
     state.apply_pending()
     assert torch.equal(state.stats["1.running_mean"], update.stats["1.running_mean"])
     with pytest.raises(ValueError, match="split_gate"):
-        method_config("cema", settings={"edge.split_gate": "burst"})  # (needs stats_source="split")
+        method_config("cema_plus", settings={"edge.split_gate": False})  # (YAML's `off`)

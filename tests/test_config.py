@@ -56,9 +56,9 @@ def test_fleet_users_settings_win_over_the_methods_own(tmp_path):
     from tdmr_ray.fleet import FLEET_PRESETS, FleetConfig
 
     own = dict(METHODS["cema_plus"].settings)
-    assert own["cloud.source_pull"] == 0.01 and own["edge.stats_source"] == "upload"
+    assert own["cloud.source_pull"] == 0.01 and own["edge.stats_source"] == "split"
     plain = load_config(FleetConfig, ["--method", "cema_plus"], FLEET_PRESETS).cema_config()
-    assert (plain.cloud.source_pull, plain.edge.stats_source) == (0.01, "upload")
+    assert (plain.cloud.source_pull, plain.edge.stats_source) == (0.01, "split")
     yml = tmp_path / "fleet.yaml"
     yml.write_text("cema:\n  edge:\n    stats_source: local\n")
     cfg = load_config(FleetConfig, ["--config", str(yml), "--method", "cema_plus",

@@ -347,6 +347,49 @@ def test_one_update_fills_a_keys_parked_devices_as_if_each_had_applied_it():
         bank.fill("affine", np.array([1]), update.params)
 
 
+def test_later_layer_statistics_fill_the_devices_that_have_statistics():
+    """An update with some layers' statistics (edge.stats_source="split") lands in a key's parked
+    devices as offer + apply gives it: those layers replaced, the others kept; a device that has run no
+    batch keeps none (it starts from its first batch), in the bank and in EdgeDeviceState alike."""
+    import torch
+
+    from tdmr_ray.cema import EdgeRunner, UpdateMessage, method_config
+    from tdmr_ray.fleet.state_bank import StateBank
+    from tdmr_ray.models import create_model
+
+    torch.manual_seed(0)
+    runner = EdgeRunner(create_model("resnet20"), method_config("cema", settings={"edge.stats_source": "split"}))
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    states = [runner.new_device(f"d{i}") for i in range(3)]
+    for s in states[:2]:
+        runner.infer(s, images)
+    late = {k: torch.rand_like(v) if v.is_floating_point() else v + 5 for k, v in states[0].stats.items()
+            if k.startswith("backbone.layer3.")}
+    update = UpdateMessage("g", 1, {k: v * 0.5 for k, v in runner.initial_affine.items()}, late)
+    reference, fresh = runner.new_device("ref"), runner.new_device("fresh")
+    runner.infer(reference, images)
+    for s in (reference, fresh):
+        s.offer(update)
+        s.apply_pending()
+    assert fresh.stats is None and reference.stats.keys() == states[0].stats.keys()
+    bank = StateBank(3)
+    for i, s in enumerate(states):
+        bank.park(i, s)
+    bank.fill("affine", np.arange(3), update.params)
+    bank.fill("stats", np.arange(3), update.stats, partial=True)
+    for i, s in enumerate(states):
+        bank.unpark(i, s)
+    for s in states[:2]:
+        assert all(torch.equal(s.stats[k], reference.stats[k]) for k in reference.stats)
+    assert states[2].stats is None
+    early = next(k for k in reference.stats if k not in late and k.endswith("running_mean"))
+    assert all(torch.equal(reference.stats[k], late[k]) for k in late)  # replaced ...
+    assert not torch.equal(reference.stats[early], torch.zeros_like(reference.stats[early]))  # ... the rest kept
+    with pytest.raises(ValueError, match="unexpected"):
+        bank.park(0, states[0])
+        bank.fill("stats", np.arange(1), {"nope.running_mean": torch.zeros(3)}, partial=True)
+
+
 def test_a_host_applies_each_version_once_to_its_treatment_devices_even_after_a_restore(tmp_path):
     """A delivered version goes to every treatment device of its key (not to control devices), once:
     a host restored from its checkpoint knows what its devices hold and neither re-applies nor

@@ -83,12 +83,38 @@ def test_versions_reach_the_board_and_rates_are_advertised(tmp_path):
     assert all(r["status"] == "ok" and r["rate"] > 0 for r in replies)
     adapter.drain()
     board = adapter.poll({}, ["g", "other"])
-    version, params, sent_at, trigger_version = board["updates"]["g"]
-    assert version >= 1 and params and sent_at <= time.time() and trigger_version == version
+    version, params, stats, sent_at, trigger_version = board["updates"]["g"]
+    assert version >= 1 and params and stats is None and sent_at <= time.time() and trigger_version == version
     assert adapter.poll({"g": version}, ["g"])["updates"] == {}  # nothing newer than what the host has
     assert set(board["rates"]) == {"g", "other"}
     # one step per full cloud batch (6 x 16 = 96 samples = 3 batches), no replay-only steps while queued
     assert adapter.stats()["steps"] >= 3 and adapter.stats()["processed_samples"] == 96
+
+
+def test_split_statistics_travel_through_the_log_and_the_board(tmp_path):
+    """edge.stats_source="split": an upload's split flag is logged with it and read back by a restarted
+    shard; the board carries the cloud copy's later-layer statistics with the parameters."""
+    import dataclasses
+
+    from tdmr_ray.cema import EdgeRunner
+    from tdmr_ray.fleet.config import fleet_cema_config
+    from tdmr_ray.models import create_model
+
+    cema = fleet_cema_config()
+    cema = dataclasses.replace(cema, edge=dataclasses.replace(cema.edge, stats_source="split", split_layer=13),
+                               filter=cema.filter.with_preset("upload_all"))
+    edge = EdgeRunner(create_model("resnet20", pretrained=False), cema)
+    state = edge.new_device("d0")
+    adapter = make_adapter(tmp_path, "split", cema=cema, cema_pinned=["edge.stats_source", "edge.split_layer"])
+    for i in range(3):
+        out = edge.infer(state, RNG.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8))
+        assert out.upload.split and out.upload.stats is not None
+        assert adapter.upload(out.upload, "g", time.time())["status"] == "ok"
+    adapter.drain()
+    _, params, stats, _, _ = adapter.poll({}, ["g"])["updates"]["g"]
+    late = {k.rsplit(".", 1)[0] for k in stats}
+    assert params and late and late < {k.rsplit(".", 1)[0] for k in state.stats}  # the later layers only
+    assert read_uploads(str(tmp_path / "split"))["split"].to_pylist() == [True] * 48
 
 
 def test_replay_only_steps_run_only_once_the_shard_is_idle_and_do_not_count_as_capacity(tmp_path):
@@ -117,7 +143,7 @@ def test_replay_only_steps_run_only_once_the_shard_is_idle_and_do_not_count_as_c
     stats = idle.stats()
     assert stats["replay_only_steps"] == REPLAY_CREDIT_CAP  # owed steps only, not one per idle second
     assert stats["steps"] == 6 and stats["busy_s"] == work["busy_s"] and stats["replay_only_s"] > 0
-    version, _, sent_at, trigger_version = idle.poll({}, ["g"])["updates"]["g"]
+    version, _, _, sent_at, trigger_version = idle.poll({}, ["g"])["updates"]["g"]
     assert version == 6 + REPLAY_CREDIT_CAP and trigger_version == 6 and sent_at is not None
     for held_back in (shards[30.0], shards[-1.0]):
         assert held_back.stats()["replay_only_steps"] == 0 and held_back.poll({}, ["g"])["updates"]["g"][0] == 6

@@ -105,6 +105,9 @@ class CloudAdapter:
         # "split": the first edge.split_layer layers run on the uploader's statistics, the later ones
         # on the cloud copy's own (and only those go down with the updates)
         self._cloud_layers = later_layers(self.edge, cfg.edge.split_layer) if cfg.edge.stats_source == "split" else None
+        if self._cloud_layers is not None and not self._cloud_layers:
+            raise ValueError(f"edge.split_layer {cfg.edge.split_layer}: the edge model has only "
+                             f"{len(test_time_bn_modules(self.edge))} normalization layers")
         self.sample_stats = cfg.cloud.sample_stats  # "" | "own" | "newest" (tdmr_ray.cema.sample_stats)
         self._norm_layers = list(test_time_bn_modules(self.edge))
         self._stats_reference = read_tbr_stats(self.edge)  # keys and shapes uploads must match

@@ -127,19 +127,19 @@ class EdgeConfig:
     # cloud distils under exactly the statistics the device applies the parameters with, also when
     # uploads starve after a shift; updates carry affine parameters only.
     stats_source: str = "cloud"
-    # Beyond the paper, a diagnostic: stats_source="split" takes the first `split_layer` normalization
-    # layers' statistics as "upload" does (the device's own, sent with each upload) and the later
-    # layers' as "cloud" does (the cloud copy's, moved on uploaded and replayed samples, sent down
-    # with the updates): early layers see the corruption, which the device's every batch shows best;
-    # later layers see the classes, whose bursts the cloud's replay averages out. In cema_plus with
-    # split_layer 13 (ResNet-20's last stage from the cloud): label-correlated +2.25 over 3 seeds,
-    # reset / continual -0.33 / -0.50 (seed 0); not in a preset yet (README, CEMA diagnosis).
+    # Beyond the paper: stats_source="split" takes the first `split_layer` normalization layers'
+    # statistics as "upload" does (the device's own, sent with each upload) and the later layers' as
+    # "cloud" does (the cloud copy's, moved on uploaded and replayed samples, sent down with the
+    # updates): early layers see the corruption, which the device's every batch shows best; later
+    # layers see the classes, whose bursts the cloud's replay averages out. Always split, layer 13
+    # (ResNet-20's last stage): label-correlated +2.25 over 3 seeds, reset / continual -0.5 / -0.6;
+    # gated by burstiness (split_gate="burst", cema_plus): the label gain without the cost (README).
     split_layer: int = 13
-    # Beyond the paper, a diagnostic with stats_source="split": "burst" takes the later layers'
-    # statistics from the cloud only while the device's predicted classes come in bursts
-    # (class_stats.is_bursty; label-correlated streams), and all from the device otherwise (as
-    # "upload"); each upload says which. "off": always split.
-    split_gate: str = "off"
+    # With stats_source="split": "burst" takes the later layers' statistics from the cloud only while
+    # the device's predicted classes come in bursts (class_stats.is_bursty; label-correlated streams),
+    # and all from the device otherwise (as "upload"); each upload says which. "always": always split.
+    # ("always", not YAML's `off`, which reads as False.) Without stats_source="split": no effect.
+    split_gate: str = "always"
 
 
 @dataclass
@@ -255,10 +255,8 @@ def check_config(cfg: "CEMAConfig") -> None:
                          " replay draws are sampled without replacement")
     if cfg.edge.stats_source not in ("local", "cloud", "upload", "split"):
         raise ValueError(f"edge.stats_source must be 'local', 'cloud', 'upload' or 'split', got {cfg.edge.stats_source!r}")
-    if cfg.edge.split_gate not in ("off", "burst"):
-        raise ValueError(f"edge.split_gate must be 'off' or 'burst', got {cfg.edge.split_gate!r}")
-    if cfg.edge.split_gate != "off" and cfg.edge.stats_source != "split":
-        raise ValueError("edge.split_gate needs edge.stats_source='split'")
+    if cfg.edge.split_gate not in ("always", "burst"):
+        raise ValueError(f"edge.split_gate must be 'always' or 'burst', got {cfg.edge.split_gate!r}")
     if cfg.edge.split_layer < 0:
         raise ValueError(f"edge.split_layer must be >= 0, got {cfg.edge.split_layer}")
     if cfg.edge.class_balanced_stats and (cfg.edge.tbr_cumulative or cfg.edge.tbr_total_var):
@@ -301,11 +299,15 @@ class MethodSpec:
 
 
 # Beyond the paper, each chosen by an experiment (README, "CEMA: what the diagnosis found"):
-# uploads carry the device's statistics (the cloud distils under what the device applies), a
-# detected shift resets everything built on the old domain, and both models are pulled 1% per
-# step toward the source parameters (ROID's weight ensembling).
+# uploads carry the device's statistics (the cloud distils under what the device applies) except,
+# while the device's predicted classes come in bursts, the last stage's (from layer 13 of ResNet-20's
+# 19), which the cloud copy averages over replayed samples and sends down; a detected shift resets
+# everything built on the old domain; both models are pulled 1% per step toward the source
+# parameters (ROID's weight ensembling).
 CEMA_PLUS_SETTINGS: tuple[tuple[str, object], ...] = (
-    ("edge.stats_source", "upload"),
+    ("edge.stats_source", "split"),
+    ("edge.split_layer", 13),
+    ("edge.split_gate", "burst"),
     ("shift.detect", "stats"),
     ("shift.reset", ["filter", "edge_stats", "edge_affine", "replay", "foundation_stats", "foundation_affine"]),
     ("cloud.source_pull", 0.01),

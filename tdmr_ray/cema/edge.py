@@ -96,8 +96,10 @@ class EdgeDeviceState:
         if update is None:
             return False
         self.affine = {k: v.detach().to(self.affine[k].device, torch.float32).clone() for k, v in update.params.items()}
-        if update.stats is not None:
+        layers = {k.rsplit(".", 1)[0] for k in self.affine}
+        if update.stats is not None and (self.stats is not None or {k.rsplit(".", 1)[0] for k in update.stats} == layers):
             self.stats = {**(self.stats or {}), **{k: v.detach().clone() for k, v in update.stats.items()}}
+        # (else: some layers' statistics for a device that has run no batch: it starts from its first)
         self.version = update.version
         self.accounting.updates_applied += 1
         return True
@@ -223,7 +225,7 @@ class EdgeRunner:
         """Whether the device takes its later layers' statistics from the cloud now (stats_source "split")."""
         if self.cfg.edge.stats_source != "split":
             return False
-        return self.cfg.edge.split_gate == "off" or is_bursty(state.class_stats)
+        return self.cfg.edge.split_gate == "always" or is_bursty(state.class_stats)
 
     def _shift_reset(self, state: EdgeDeviceState) -> bool:
         """Reset the edge's parts of ``shift.reset``; True when the batch must be predicted again."""

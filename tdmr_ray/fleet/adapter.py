@@ -148,7 +148,7 @@ class CloudAdapterActor:
 
     def poll(self, have: dict[str, int], keys: list[str]) -> dict:
         """The version board: newer parameter sets than ``have`` (key -> version) for ``keys``, as
-        {key: (version, params, sent_at, trigger version)} (see ``self.board``), and the upload rate
+        {key: (version, params, stats, sent_at, trigger version)} (see ``self.board``), and the upload rate
         (samples/s) per key."""
         with self.cv:
             updates = {k: self.board[k] for k in keys if k in self.board and self.board[k][0] > have.get(k, 0)}
@@ -236,7 +236,8 @@ class CloudAdapterActor:
                           "device_id": [msg.device_id] * n, "key": [key] * n,
                           "batch": [int(msg.seq)] * n, "param_version": [int(msg.param_version)] * n,
                           "sent_at": [sent_at] * n, "height": [h] * n, "width": [w] * n, "channels": [c] * n,
-                          "image": [img.tobytes() for img in msg.images], "shard": [self.shard] * n},
+                          "image": [img.tobytes() for img in msg.images], "shard": [self.shard] * n,
+                          "split": [bool(msg.split)] * n},
                          schema=WAL_SCHEMA)
         write_parquet(self.store, f"uploads/part-s{self.shard:03d}-{seq:010d}.parquet", table)
 
@@ -271,7 +272,8 @@ class CloudAdapterActor:
             stats = rows["stats"][0]
             msg = UploadMessage(rows["device_id"][0], images, rows["param_version"][0], None, rows["batch"][0],
                                 shift_epoch=int(rows["shift_epoch"][0] or 0),
-                                stats=load_tensors(stats) if stats else None)
+                                stats=load_tensors(stats) if stats else None,
+                                split=bool((rows.get("split") or [False])[0]))
             if seq > int(meta.get("seq", 0)):  # acknowledged after the checkpoint
                 self.counters["acked_samples"] += len(images)
                 self.counters["acked_uploads"] += 1
@@ -415,11 +417,11 @@ class CloudAdapterActor:
         if published is not None:
             self.counters["published"] += 1
             if sent_at is not None:
-                self.board[key] = (published.version, update.params, sent_at, published.version)
+                self.board[key] = (published.version, update.params, update.stats, sent_at, published.version)
                 self.latencies.append(time.time() - sent_at)
             else:
-                _, _, trigger_at, trigger_version = self.board.get(key, (0, None, None, 0))
-                self.board[key] = (published.version, update.params, trigger_at, trigger_version)
+                _, _, _, trigger_at, trigger_version = self.board.get(key, (0, None, None, None, 0))
+                self.board[key] = (published.version, update.params, update.stats, trigger_at, trigger_version)
         elif update is not None:
             self.counters["publish_failures"] += 1
 

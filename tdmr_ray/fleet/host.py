@@ -237,11 +237,11 @@ class DeviceHost:
         for board in boards:
             for key, rate in board["rates"].items():
                 self.budget.set_rate(key, rate / self.n_hosts)
-            for key, (version, params, sent_at, trigger_version) in board["updates"].items():
+            for key, (version, params, stats, sent_at, trigger_version) in board["updates"].items():
                 if version <= self.key_version.get(key, 0):
                     continue
                 self.key_version[key] = version
-                if not self._apply(UpdateMessage(key, version, params)):
+                if not self._apply(UpdateMessage(key, version, params, stats)):
                     continue
                 if sent_at is not None and self.measured_trigger.get(key, 0) < trigger_version <= version:
                     # the first version applied here with the uploads of that trigger in it
@@ -252,8 +252,9 @@ class DeviceHost:
         """Apply ``update`` to every treatment device of its key on this host, as a device applies a
         pushed update on receipt (its next frame uses it); False if none needs it or it is malformed.
         Devices that already hold this version or a newer one (a host restored from its checkpoint)
-        are left alone. The board carries affine parameters only: fleet devices keep their own TBR
-        statistics. (Devices are parked here: polls run between batches.)"""
+        are left alone. Statistics on the board (edge.stats_source="split": the cloud's later layers)
+        replace those layers' in the devices that have statistics; a device that has run no batch yet
+        starts its own from its first one. (Devices are parked here: polls run between batches.)"""
         rows = self.treatment_rows.get(update.key)
         if rows is None:
             return False
@@ -271,6 +272,8 @@ class DeviceHost:
         finally:
             self.bank.park(int(rows[0]), first)
         self.bank.fill("affine", rows, {k: v.float() for k, v in update.params.items()})
+        if update.stats:
+            self.bank.fill("stats", rows, update.stats, partial=True)
         nbytes = update.nbytes  # (a sum over the parameter set: once per version, not per device)
         for i in rows.tolist():
             state = self.state[self.devices[i]]

@@ -37,9 +37,7 @@ def check_config(cfg: FleetConfig) -> None:
                  "adapters", "adapter_coalesce", "min_upload"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    cema = cfg.cema_config()  # the algorithm's settings, before any actor starts (cema.*)
-    if cema.edge.stats_source == "split":
-        raise ValueError("edge.stats_source='split' is a diagnostic of the algorithm bench; the fleet does not run it")
+    cfg.cema_config()  # the algorithm's settings are checked before any actor starts (cema.*)
 
 
 def fleet_run_id(cfg: FleetConfig, run: JobRun) -> str:

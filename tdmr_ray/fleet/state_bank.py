@@ -51,19 +51,27 @@ class _FieldRows:
                 self.matrices[dtype][i, start:end].copy_(tensors[name].reshape(-1))
         self.present[i] = True
 
-    def fill(self, rows: np.ndarray, tensors: dict[str, torch.Tensor]) -> None:
-        """The same ``tensors`` into every row of ``rows`` (one indexed write per name)."""
-        if tensors.keys() != self.layout.keys():
+    def fill(self, rows: np.ndarray, tensors: dict[str, torch.Tensor], partial: bool = False) -> None:
+        """The same ``tensors`` into every row of ``rows`` (one indexed write per name). ``partial``: some
+        of the names, written into the rows already present only (the others keep their values)."""
+        if partial:
+            unexpected = sorted(tensors.keys() - self.layout.keys())
+            if unexpected:
+                raise ValueError(f"parameters do not fit the bank's layout: unexpected {unexpected[:4]}")
+            rows = np.asarray(rows)[self.present[rows]]
+        elif tensors.keys() != self.layout.keys():
             raise ValueError(f"parameters do not fit the bank's layout: missing "
                              f"{sorted(self.layout.keys() - tensors.keys())[:4]}, unexpected "
                              f"{sorted(tensors.keys() - self.layout.keys())[:4]}")
-        for name, (dtype, _, _, shape) in self.layout.items():
+        for name in tensors:
+            shape = self.layout[name][3]
             if tuple(tensors[name].shape) != shape:
                 raise ValueError(f"parameter {name} is {tuple(tensors[name].shape)}, the bank holds {shape}")
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         with torch.no_grad():
-            for name, (dtype, start, end, _) in self.layout.items():
-                self.matrices[dtype][index, start:end] = tensors[name].detach().reshape(1, -1).to(dtype)
+            for name, v in tensors.items():
+                dtype, start, end, _ = self.layout[name]
+                self.matrices[dtype][index, start:end] = v.detach().reshape(1, -1).to(dtype)
         self.present[rows] = True
 
     def views(self, i: int) -> dict[str, torch.Tensor] | None:
@@ -109,14 +117,17 @@ class StateBank:
             setattr(state, field, rows.views(i) if rows is not None else None)
         self.parked[i] = False
 
-    def fill(self, field: str, rows: np.ndarray, tensors: dict[str, torch.Tensor]) -> None:
+    def fill(self, field: str, rows: np.ndarray, tensors: dict[str, torch.Tensor], partial: bool = False) -> None:
         """Write the same ``tensors`` as ``field`` of every (parked) device in ``rows``: one update
-        applied to a key's devices at once, without building each device's dicts."""
+        applied to a key's devices at once, without building each device's dicts. ``partial``: some of
+        the field's entries, into the devices that hold the field (``_FieldRows.fill``)."""
         if not self.parked[rows].all():
             raise ValueError("fill: every device written must be parked")
         if field not in self.fields:
+            if partial:
+                return  # no device holds the field yet
             self.fields[field] = _FieldRows(self.n, tensors)
-        self.fields[field].fill(rows, tensors)
+        self.fields[field].fill(rows, tensors, partial)
 
     def columns(self) -> dict[str, torch.Tensor]:
         """Parked rows in :func:`pack_columns`' format (``col.<field>.<name>`` / ``idx.<field>.<name>``)."""

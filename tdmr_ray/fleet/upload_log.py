@@ -18,8 +18,10 @@ WAL_SCHEMA = pa.schema([("seq", pa.int64()), ("device_id", pa.string()), ("key",
                         ("height", pa.int32()), ("width", pa.int32()), ("channels", pa.int32()),
                         ("image", pa.binary()),
                         # the device's TBR statistics (safetensors bytes, first row of an upload only;
-                        # EdgeConfig.stats_source="upload") and its shift count (ShiftConfig)
-                        ("stats", pa.binary()), ("shift_epoch", pa.int64()), ("shard", pa.int32())])
+                        # EdgeConfig.stats_source="upload"/"split"), its shift count (ShiftConfig) and
+                        # whether it takes its later layers' statistics from the cloud (UploadMessage.split)
+                        ("stats", pa.binary()), ("shift_epoch", pa.int64()), ("shard", pa.int32()),
+                        ("split", pa.bool_())])
 
 
 def retry(fn, what: str, attempts: int = 4, first_wait_s: float = 0.2):
@@ -68,7 +70,8 @@ def read_uploads(run_uri: str, after_seq: int = -1, shard: int | None = None) ->
     files = [f for f in log_files(store, shard) if last_seq(f) > after_seq]
     if not files:
         return WAL_SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(io.BytesIO(store.read(f))) for f in files])
+    # (promote: parts written before a column existed read back with nulls there)
+    table = pa.concat_tables([pq.read_table(io.BytesIO(store.read(f))) for f in files], promote_options="default")
     table = table.filter(pa.compute.greater(table["seq"], after_seq))
     return table.sort_by([("shard", "ascending"), ("seq", "ascending")])
 
