@@ -39,6 +39,9 @@ def _coerce(value, tp, key: str):
     if value is None:
         return None
     origin = typing.get_origin(tp)
+    if tp is str and isinstance(value, bool):  # (str(False) would pass as the string "False")
+        raise ConfigError(f"config key {key!r}: got the boolean {value} where a string is expected; YAML reads "
+                          f"unquoted off/on/yes/no/true/false as booleans: quote it (e.g. 'off')")
     try:
         if origin in (list, tuple):
             (item_tp, *_) = typing.get_args(tp) or (str,)

@@ -47,6 +47,12 @@ def test_unknown_keys_and_flags_are_named(tmp_path, capsys):
         load_config(Cfg, ["--config", str(yml)], PRESETS)
     with pytest.raises(SystemExit):
         load_config(Cfg, ["--preset", "huge"], PRESETS)
+    yml.write_text("name: off\n")  # YAML 1.1: a boolean, not the string "off"
+    with pytest.raises(ConfigError, match="'name': got the boolean False.*quote it"):
+        load_config(Cfg, ["--config", str(yml)], PRESETS)
+    yml.write_text("name: 'off'\n")
+    assert load_config(Cfg, ["--config", str(yml)], PRESETS).name == "off"
+    assert load_config(Cfg, ["--name", "off"], PRESETS).name == "off"  # a flag's value stays a string
 
 
 def test_fleet_users_settings_win_over_the_methods_own(tmp_path):
