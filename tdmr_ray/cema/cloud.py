@@ -144,7 +144,7 @@ class CloudAdapter:
         self._maybe_shift_reset(ks, upload)
         if upload.stats is not None and self._cloud_layers is not None:
             ks.split = int(upload.split)
-        if upload.stats is not None and (self.device_stats or (self._cloud_layers is not None and not ks.split)):
+        if upload.stats is not None and self._on_device_stats(ks):
             ks.edge.stats = _follow_stats(ks.edge.stats, upload.stats, self.cfg.cloud.upload_stats_momentum,
                                           self.device)
         elif upload.stats is not None and self._cloud_layers is not None:  # later layers: the cloud's own, once started
@@ -287,6 +287,11 @@ class CloudAdapter:
         ks.shift_resets += 1
         ks.last_reset_step = ks.steps
 
+    def _on_device_stats(self, ks: KeyState) -> bool:
+        """Whether the key's edge copy runs on the uploader's statistics in every layer ("upload", or
+        "split" while the uploads do not ask for the cloud's later layers)."""
+        return self.device_stats or (self._cloud_layers is not None and not ks.split)
+
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
         return images.permute(0, 3, 1, 2).float().div_(255)
 
@@ -336,11 +341,9 @@ class CloudAdapter:
         with torch.no_grad():
             teacher = self.foundation(x)
         # (With device statistics the edge copy normalizes exactly as the uploader does.)
-        split = self._cloud_layers is not None and ks.split
-        device_stats = self.device_stats or (self._cloud_layers is not None and not ks.split)
-        set_norm_mode(self.edge, "tbr", update_stats=not device_stats, momentum=c.tbr_momentum,
+        set_norm_mode(self.edge, "tbr", update_stats=not self._on_device_stats(ks), momentum=c.tbr_momentum,
                       total_var=c.tbr_total_var)
-        if split:  # the uploader's layers stay as uploaded
+        if self._cloud_layers is not None and ks.split:  # the uploader's layers stay as uploaded
             for name, m in test_time_bn_modules(self.edge).items():
                 m.train(name in self._cloud_layers)
         if self.sample_stats and ks.edge.stats is not None:
