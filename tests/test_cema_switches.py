@@ -305,7 +305,7 @@ def test_settings_apply_over_the_methods_own_switches():
 def test_augment_views_distil_on_flipped_and_shifted_copies_of_the_new_samples(model):
     """cloud.augment_views adds that many augmented copies of a step's new samples to the distillation
     batch (each a horizontal flip and/or a shift of the original), augment_replay augments replay draws."""
-    from tdmr_ray.cema.cloud import augment
+    from tdmr_ray.cema.augment import augment
 
     x = torch.rand(16, 3, 32, 32)
     views = augment(x, torch.Generator().manual_seed(0))
@@ -332,6 +332,38 @@ def test_augment_views_distil_on_flipped_and_shifted_copies_of_the_new_samples(m
     assert sizes[0, False] == [4, 4, 4, 16, 16] and sizes[2, False] == sizes[2, True] == [12, 12, 12, 24, 24]
     with pytest.raises(ValueError, match="augment_views"):
         CloudAdapter(model, model, cfg_with("cema", cloud=small(augment_views=-1)))
+
+
+def test_mixup_and_cutmix_views_blend_or_paste_two_images_of_the_draw(model):
+    """cloud.augment="mixup": each view is lam * x[i] + (1 - lam) * x[j] for another image j of the same
+    draw; "cutmix": x[i] with one axis-aligned box taken from x[j]; an unknown kind is refused."""
+    from tdmr_ray.cema.augment import augment
+
+    x = torch.rand(8, 3, 32, 32)
+    mixed = augment(x, torch.Generator().manual_seed(0), "mixup")
+    for i in range(8):
+        fits = []
+        for j in range(8):
+            d = (x[i] - x[j]).flatten()
+            lam = float(((mixed[i] - x[j]).flatten() @ d) / (d @ d)) if j != i else 1.0
+            fits.append(0 <= lam <= 1 and torch.allclose(mixed[i], lam * x[i] + (1 - lam) * x[j], atol=1e-5))
+        assert any(fits), i
+    assert not torch.equal(mixed, x)
+    cut = augment(x, torch.Generator().manual_seed(1), "cutmix")
+    pasted_any = False
+    for i in range(8):
+        other = (cut[i] != x[i]).any(0)  # pixels not from the image itself
+        if not other.any():
+            continue
+        pasted_any = True
+        j = next(j for j in range(8) if torch.equal(cut[i][:, other], x[j][:, other]))
+        rows, cols = other.any(1).nonzero().flatten(), other.any(0).nonzero().flatten()
+        box = torch.zeros_like(other)
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert torch.equal(other, box) and j != i
+    assert pasted_any
+    with pytest.raises(ValueError, match="cloud.augment"):
+        CloudAdapter(model, model, cfg_with("cema", cloud=small(augment="rotate")))
 
 
 def _two_class_model():

@@ -29,6 +29,7 @@ from torch import nn
 from ..models import get_norm_affine, norm_affine_parameters
 from . import state_io as sio
 from .config import CEMAConfig, check_config
+from .augment import augment
 from .losses import distillation_loss, weighted_entropy_loss
 from .messages import UpdateMessage, UploadMessage, validate_upload
 from .norm import (check_tbr_stats, convert_to_test_time_bn, later_layers, load_tbr_stats, read_tbr_stats,
@@ -297,7 +298,7 @@ class CloudAdapter:
 
     def _replayed_input(self, replayed: torch.Tensor) -> torch.Tensor:
         x = self._to_input(replayed)
-        return augment(x, self.generator) if self.cfg.cloud.augment_replay else x
+        return augment(x, self.generator, self.cfg.cloud.augment) if self.cfg.cloud.augment_replay else x
 
     def _sample_replay(self, ks: KeyState, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` replayed samples and their statistics ids."""
@@ -325,7 +326,7 @@ class CloudAdapter:
             ids = _ids(new_ids, len(new))
             parts, part_ids = [x_new], [ids]
             for _ in range(c.augment_views):
-                parts.append(augment(x_new, self.generator))
+                parts.append(augment(x_new, self.generator, c.augment))
                 part_ids.append(ids)
             if n_replay:
                 replayed, replayed_ids = self._sample_replay(ks, n_replay)
@@ -362,19 +363,6 @@ class CloudAdapter:
         _read_back(self.edge, self._e_params, ks.edge)
         ks.steps += 1
         ks.version += 1
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
-    """A random view of each image of ``x`` (N, C, H, W): flipped horizontally with probability 1/2 and
-    shifted by up to ``shift`` pixels each way (zero-padded), CIFAR's training augmentation."""
-    n, _, h, w = x.shape
-    if n == 0:
-        return x
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
-    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
 def _ids(ids: torch.Tensor | None, n: int) -> torch.Tensor:

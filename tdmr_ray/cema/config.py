@@ -194,6 +194,16 @@ class CloudConfig:
     # (Where the cloud copy moves its own statistics, edge.stats_source "cloud", the views move them too.)
     augment_views: int = 0
     augment_replay: bool = False
+    # Which augmentation those views take (tdmr_ray.cema.augment): "flip_shift" (above), "mixup" (each
+    # image blended with another of the same draw, weight ~ U(0, 1)) or "cutmix" (a box of another
+    # image pasted in). The foundation labels every view itself, so a mixed view is a new input with
+    # its own teacher output: "function matching" (Beyer et al., CVPR 2022), which makes
+    # distillation on few images generalize.
+    augment: str = "flip_shift"
+
+
+# cloud.augment's choices (tdmr_ray.cema.augment).
+AUGMENTATIONS = ("flip_shift", "mixup", "cutmix")
 
 
 # The state a detected shift can reset (ShiftConfig.reset).
@@ -273,6 +283,8 @@ def check_config(cfg: "CEMAConfig") -> None:
         raise ValueError(f"shift.reset: unknown parts {unknown}; choose from {list(SHIFT_PARTS)}")
     if cfg.cloud.augment_views < 0:
         raise ValueError(f"cloud.augment_views must be >= 0, got {cfg.cloud.augment_views}")
+    if cfg.cloud.augment not in AUGMENTATIONS:
+        raise ValueError(f"cloud.augment must be one of {AUGMENTATIONS}, got {cfg.cloud.augment!r}")
     if cfg.cloud.sample_stats not in ("", "own", "newest"):
         raise ValueError(f"cloud.sample_stats must be '', 'own' or 'newest', got {cfg.cloud.sample_stats!r}")
     if cfg.cloud.sample_stats and cfg.edge.stats_source != "upload":
