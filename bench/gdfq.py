@@ -286,6 +286,8 @@ def markdown(report: dict) -> str:
     sets = report["sets"]
     seeds = report["seeds"]
     spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    if len(seeds) < len(report.get("seeds_requested", seeds)):
+        spread += f" (partial: {len(seeds)} of the seeds {report['seeds_requested']} asked for are done)"
     lines = [f"# GDFQ benchmark ({report['preset']} preset)", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; {report['total_s']:.0f} s total.", "",
              "Top-1 (%) of the final models; clean = clean subset (1,017), jpeg = JPEG test set "
@@ -322,6 +324,29 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _report(args, argv, seeds, per_seed, onnx_rows, gdfq_cfg, calib_cfg, probe, sets, start) -> dict:
+    """The report of the seeds done so far (``seeds_requested`` names all), written to bench/results."""
+    import onnxruntime
+
+    done = seeds[:len(per_seed)]
+    report = {
+        "preset": args.preset, "command": "python bench/gdfq.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"device {args.device}, torch {torch.__version__}",
+        "methods": args.methods, "bits": args.bits, "sets": {k: len(v) for k, v in sets.items()},
+        "seeds": done, "seeds_requested": seeds, "onnxruntime": onnxruntime.__version__,
+        "gdfq_config": gdfq_cfg.to_dict(), "calibration_config": calib_cfg.to_dict(),
+        "departures": schedule_departures(gdfq_cfg, calib_cfg), "probe": probe,
+        "summary": aggregate(per_seed), "per_seed": per_seed, "onnx": onnx_rows,
+        "targets": targets(per_seed, onnx_rows), "total_s": round(time.perf_counter() - start, 1),
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"gdfq_{args.preset}{'_' + args.tag if args.tag else ''}"
+    write_atomic(args.out_dir / f"{stem}.json", json.dumps(report, indent=1).encode())
+    write_atomic(args.out_dir / f"{stem}.md", markdown(report).encode())
+    return report
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -353,23 +378,8 @@ def main(argv=None) -> dict:
         for res in results.values():
             res.pop("models")
         per_seed.append(results)
-    import onnxruntime
-
-    report = {
-        "preset": args.preset, "command": "python bench/gdfq.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"device {args.device}, torch {torch.__version__}",
-        "methods": args.methods, "bits": args.bits, "sets": {k: len(v) for k, v in sets.items()},
-        "seeds": seeds, "onnxruntime": onnxruntime.__version__,
-        "gdfq_config": gdfq_cfg.to_dict(), "calibration_config": calib_cfg.to_dict(),
-        "departures": schedule_departures(gdfq_cfg, calib_cfg), "probe": probe,
-        "summary": aggregate(per_seed), "per_seed": per_seed, "onnx": onnx_rows,
-        "targets": targets(per_seed, onnx_rows), "total_s": round(time.perf_counter() - start, 1),
-    }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"gdfq_{args.preset}{'_' + args.tag if args.tag else ''}"
-    write_atomic(args.out_dir / f"{stem}.json", json.dumps(report, indent=1).encode())
-    write_atomic(args.out_dir / f"{stem}.md", markdown(report).encode())
+        # Written after every seed, so a long run that is stopped keeps the seeds it finished.
+        report = _report(args, argv, seeds, per_seed, onnx_rows, gdfq_cfg, calib_cfg, probe, sets, start)
     print("\n".join(report["targets"]))
     return report
 
