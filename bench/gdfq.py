@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from tdmr_ray.data import load_dataset  # noqa: E402
 from tdmr_ray.evaluation import accuracy  # noqa: E402
 from tdmr_ray.gdfq.baselines import CalibrationConfig, distill_images, noise_calibrated, zeroq_calibrated  # noqa: E402
+from tdmr_ray.gdfq.job import CPU_DEPARTURES, job_config  # noqa: E402
 from tdmr_ray.gdfq.train import GDFQConfig, run_gdfq  # noqa: E402
 from tdmr_ray.models import create_model  # noqa: E402
 from tdmr_ray.utils import write_atomic  # noqa: E402
@@ -54,9 +55,10 @@ EVAL_BATCH = 500
 
 PRESETS = {
     "paper": (GDFQConfig(), CalibrationConfig()),
-    # About an hour per model on 2 CPU cores: 1/125 of the reference's generated images.
-    "medium": (GDFQConfig(epochs=40, iters_per_epoch=50, batch_size=64, warmup_epochs=4, range_update_epochs=4,
-                          lr_milestones=(24, 32)), CalibrationConfig(batches=1, batch_size=128, zeroq_iters=200)),
+    # The job's medium schedule (about an hour per model on 2 CPU cores: 1/125 of the reference's
+    # generated images) with the reference's loss; --cpu-loss takes the job's loss too.
+    "medium": (dataclasses.replace(job_config("medium").gdfq, ce_agreed_only=False, kd_only_from_bits=0),
+               CalibrationConfig(batches=1, batch_size=128, zeroq_iters=200)),
     "quick": (GDFQConfig(epochs=16, iters_per_epoch=25, batch_size=32, warmup_epochs=8, range_update_epochs=8,
                          lr_milestones=(12,)),
               CalibrationConfig(batches=1, batch_size=128, zeroq_iters=200)),
@@ -83,6 +85,11 @@ def schedule_departures(cfg: GDFQConfig, calib: CalibrationConfig) -> list[str]:
                                                                ref_calib.zeroq_iters):
         notes.append(f"baselines calibrate on {calib.batches} batch(es) of {calib.batch_size}; ZeroQ-style images "
                      f"take {calib.zeroq_iters} Adam steps (ZeroQ: 500)")
+    if cfg.ce_agreed_only:
+        notes.append("loss: the CE to the generator's label only where the FP model agrees with it (ce_agreed_only, "
+                     "the job's CPU presets; reference: on every generated image)")
+    if cfg.kd_only_from_bits:
+        notes.append(f"loss: no CE for students of {cfg.kd_only_from_bits} bits or more (kd_only_from_bits)")
     return notes
 
 
@@ -126,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time one full epoch first, then shorten the schedule (as --epochs) to fit this many minutes "
                         "of GDFQ training per model; the probe's seconds per epoch and the preset's expected "
                         "full length are reported")
+    p.add_argument("--cpu-loss", action="store_true",
+                   help="the loss of the job's CPU presets (ce_agreed_only, no CE at 8 bits: "
+                        "tdmr_ray.gdfq.job.CPU_DEPARTURES) instead of the reference's")
     p.add_argument("--seeds", default="0", help="comma list; the table gives mean ± std over them")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export / onnxruntime part")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -368,6 +378,8 @@ def main(argv=None) -> dict:
         preset_cfg = shorten(preset_cfg, fit)
     if args.epochs:
         preset_cfg = shorten(preset_cfg, args.epochs)
+    if args.cpu_loss:
+        preset_cfg = dataclasses.replace(preset_cfg, **CPU_DEPARTURES)
     per_seed, onnx_rows = [], []
     for seed in seeds:
         gdfq_cfg = dataclasses.replace(preset_cfg, seed=seed)

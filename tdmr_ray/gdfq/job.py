@@ -43,7 +43,7 @@ class GDFQJobConfig(CommonConfig):
 # the intended class ~60% of the time, and the reference's CE on the rest trains against the KL. On
 # ResNet-20 (quick, seed 0) that CE cost W8A8 0.9 points on JPEG where calibration alone costs none,
 # and over 3 seeds the switch gained 0.8 / 1.2 (clean / JPEG) at W4A4 (bench/results/gdfq_variants_r20_*.md;
-# on `medium`, seed 0, W4A4 drop 4.03 -> 3.83 clean, bench/results/gdfq_medium_resnet20_w4a4_agreed.md). At W8A8 they drop the CE altogether (``kd_only_from_bits``,
+# `medium` with this loss: bench/gdfq.py --cpu-loss, README). At W8A8 they drop the CE altogether (``kd_only_from_bits``,
 # ours): the 8-bit grid costs almost nothing, and on the pipeline's weak TDMR target (its generator's
 # images agree with their labels ~35% of the time) the agreed CE's W8A8 drop was 1.18 points clean, the
 # KL alone's 0.33 (3 seeds, bench/results/gdfq_variants_pipeline_target_w8_kd3.md). A checkpoint of these
