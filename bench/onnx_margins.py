@@ -4,7 +4,8 @@ For each quantized model (a registry reference ``name@vN`` whose version holds a
 ``resnet20``: the pretrained ResNet-20 noise-calibrated at W8A8), the clean subset's logits from the
 torch fake-quant model and from onnxruntime on the ONNX copy: how many top-1 predictions differ, the
 largest logit difference, and the fake-quant model's top-1 margins (logit of the first class minus the
-second), overall and on the images that differ. Both compute the same integer graph in float
+second), overall and on the images that differ; and, for scale, how many predictions the same torch
+model changes when PyTorch runs it on its other CPU kernels (oneDNN off). Both compute the same integer graph in float
 arithmetic of different kernels, so their logits differ by rounding; a prediction flips only where
 the margin is smaller than that.
 
@@ -62,20 +63,28 @@ def main(argv=None) -> dict:
     for spec in args.models:
         fq, ort = models_of(spec, args.storage or None)
         a, b = logits(fq, data.x), logits(ort, data.x)
+        with torch.backends.mkldnn.flags(enabled=False):  # the same torch model on PyTorch's other CPU kernels
+            c = logits(fq, data.x)
         differ = (a.argmax(1) != b.argmax(1)).nonzero().flatten()
         top2 = a.topk(2, 1).values
         margin = top2[:, 0] - top2[:, 1]
         rows.append({"model": spec, "images": len(data), "differing": len(differ),
                      "max_abs_logit_diff": round(float((a - b).abs().max()), 4),
+                     "differing_torch_kernels": int((a.argmax(1) != c.argmax(1)).sum()),
+                     "max_abs_logit_diff_torch_kernels": round(float((a - c).abs().max()), 4),
                      "median_margin": round(float(margin.median()), 3),
                      "share_margin_below_0.05": round(float((margin < 0.05).float().mean()) * 100, 2),
                      "margins_of_differing": [round(float(margin[i]), 4) for i in differ]})
         print(rows[-1], flush=True)
     command = shlex.join(["python", "bench/onnx_margins.py", *(sys.argv[1:] if argv is None else argv)])
     lines = ["# onnxruntime vs the fake-quant model: top-1 margins", "", f"Command: `{command}`", "",
-             "| model | differing top-1 (of images) | max abs logit diff | median top-1 margin | "
-             "margins < 0.05 (%) | margins of the differing |", "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {r['model']} | {r['differing']} / {r['images']} | {r['max_abs_logit_diff']} | {r['median_margin']} "
+             "torch = the fake-quant model on PyTorch's default CPU kernels (oneDNN); torch, oneDNN off = the same "
+             "model on PyTorch's other kernels: how far float rounding alone moves it.", "",
+             "| model | differing top-1, onnxruntime vs torch (of images) | max abs logit diff | differing top-1, torch "
+             "oneDNN off vs on | max abs logit diff | median top-1 margin | margins < 0.05 (%) | margins of the "
+             "differing (onnxruntime) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['model']} | {r['differing']} / {r['images']} | {r['max_abs_logit_diff']} | "
+              f"{r['differing_torch_kernels']} | {r['max_abs_logit_diff_torch_kernels']} | {r['median_margin']} "
               f"| {r['share_margin_below_0.05']} | {r['margins_of_differing']} |" for r in rows]
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / ("onnx_margins" + (f"_{args.tag.lstrip('_')}" if args.tag else ""))
