@@ -143,6 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="default: $TDMR_DATA (weights come from $TDMR_WEIGHTS)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--tag", default="", help="suffix for the result file names")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="REPORT_JSON",
+                   help="train nothing: join the seeds of these reports (same preset, models, bits, methods and "
+                        "settings but the seed) into one report named by --preset/--tag")
     return p.parse_args(argv)
 
 
@@ -357,8 +360,47 @@ def _report(args, argv, seeds, per_seed, onnx_rows, gdfq_cfg, calib_cfg, probe, 
     return report
 
 
+def _without_seed(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k != "seed"}
+
+
+def merge_reports(paths: list[Path], args) -> dict:
+    """One report from runs of the same benchmark on different seeds (each seed's models are trained and
+    evaluated side by side within its own run; a seed's result does not depend on the others)."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    first = reports[0]
+    for path, r in zip(paths[1:], reports[1:]):
+        for key in ("preset", "methods", "bits", "sets", "departures"):
+            if r[key] != first[key]:
+                raise SystemExit(f"--merge: {path} differs from {paths[0]} in {key!r}: {r[key]} vs {first[key]}")
+        for key in ("gdfq_config", "calibration_config"):
+            if _without_seed(r[key]) != _without_seed(first[key]):
+                raise SystemExit(f"--merge: {path} differs from {paths[0]} in {key!r} beyond the seed")
+        if set(r["per_seed"][0]) != set(first["per_seed"][0]):
+            raise SystemExit(f"--merge: {path} has models {sorted(r['per_seed'][0])}, {paths[0]} "
+                             f"{sorted(first['per_seed'][0])}")
+    seeds = [s for r in reports for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: a seed appears twice: {seeds}")
+    per_seed = [res for r in reports for res in r["per_seed"]]
+    report = dict(first, seeds=seeds, seeds_requested=seeds, per_seed=per_seed, summary=aggregate(per_seed),
+                  targets=targets(per_seed, first["onnx"]), total_s=sum(r["total_s"] for r in reports),
+                  command="python bench/gdfq.py " + " ".join(sys.argv[1:]),
+                  merged_from=[{"file": p.name, "command": r["command"], "seeds": r["seeds"]}
+                               for p, r in zip(paths, reports)])
+    stem = f"gdfq_{args.preset}{'_' + args.tag if args.tag else ''}"
+    write_atomic(args.out_dir / f"{stem}.json", json.dumps(report, indent=1).encode())
+    text = markdown(report) + "\nMerged from: " + "; ".join(
+        f"`{m['command']}` (seeds {m['seeds']}, {m['file']})" for m in report["merged_from"]) + "\n"
+    write_atomic(args.out_dir / f"{stem}.md", text.encode())
+    print("\n".join(report["targets"]))
+    return report
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge_reports(args.merge, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]

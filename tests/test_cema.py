@@ -213,6 +213,34 @@ def test_tbr_total_variance_counts_the_spread_of_batch_means():
         assert abs(float(bn.running_var) - expected_var) < 1e-5, (total, float(bn.running_var))
 
 
+def test_tbr_source_share_normalizes_between_running_and_source_statistics():
+    """edge.source_share = a: a TBR layer normalizes with (1 - a) running + a source statistics, in
+    the value path and the gradient path alike; its running statistics still move as TBR's."""
+    torch.manual_seed(2)
+    m = TestTimeBatchNorm2d(3)
+    with torch.no_grad():
+        m.source_mean.uniform_(-1, 1), m.source_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
+    m.source_share = 0.25
+    m.train()
+    x1, x2 = torch.randn(8, 3, 4, 4) * 2 + 1, torch.randn(8, 3, 4, 4) - 1
+    m(x1)
+    rm, rv = m.running_mean.clone(), m.running_var.clone()
+    mean, var = 0.75 * rm + 0.25 * m.source_mean, 0.75 * rv + 0.25 * m.source_var
+    expected = F.batch_norm(x2, mean, var, m.weight, m.bias, False, 0.0, m.eps)
+    with torch.no_grad():
+        assert torch.allclose(m(x2), expected, atol=1e-4)  # value path (statistics move once more)
+    m.eval()
+    m.running_mean.copy_(rm), m.running_var.copy_(rv)
+    with torch.enable_grad():
+        y = m(x2.clone().requires_grad_(True))  # gradient path: same value
+    assert torch.allclose(y, expected, atol=1e-4)
+    m.source_share = 0.0
+    with torch.no_grad():
+        assert not torch.allclose(m(x2), expected, atol=1e-2)  # the share matters
+    with pytest.raises(ValueError, match="source_share"):
+        method_config("cema_plus", settings={"edge.source_share": 1.0})
+
+
 def test_norm_modes_and_stats_io():
     torch.manual_seed(1)
     model = convert_to_test_time_bn(create_model("resnet20"))

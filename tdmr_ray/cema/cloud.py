@@ -343,7 +343,7 @@ class CloudAdapter:
             teacher = self.foundation(x)
         # (With device statistics the edge copy normalizes exactly as the uploader does.)
         set_norm_mode(self.edge, "tbr", update_stats=not self._on_device_stats(ks), momentum=c.tbr_momentum,
-                      total_var=c.tbr_total_var)
+                      total_var=c.tbr_total_var, source_share=self.cfg.edge.source_share)
         if self._cloud_layers is not None and ks.split:  # the uploader's layers stay as uploaded
             for name, m in test_time_bn_modules(self.edge).items():
                 m.train(name in self._cloud_layers)

@@ -113,6 +113,10 @@ class EdgeConfig:
     # +0.57 / 0.00), reset -0.11, continual -0.10; ~59 KiB more state per ResNet-20 device.
     class_balanced_stats: bool = False
     mix_weight: float = 0.5  # batch share in "mix" mode (reference bn_adapt.conf momentum 0.5)
+    # Beyond the paper: the edge model (on the device and its copy in the cloud) normalizes with
+    # (1 - source_share) * its TBR statistics + source_share * the source statistics, bn_adapt's prior
+    # on the source applied to TBR's. 0: the reference.
+    source_share: float = 0.0
     # Where the edge's TBR statistics come from (methods that upload). "cloud" (default, the
     # reference's behaviour: its edge is a copy of the cloud's edge model, statistics included):
     # updates carry the cloud copy's statistics (moved on uploaded and replayed samples) with the
@@ -287,6 +291,8 @@ def check_config(cfg: "CEMAConfig") -> None:
         raise ValueError(f"cloud.augment must be one of {AUGMENTATIONS}, got {cfg.cloud.augment!r}")
     if cfg.cloud.sample_stats not in ("", "own", "newest"):
         raise ValueError(f"cloud.sample_stats must be '', 'own' or 'newest', got {cfg.cloud.sample_stats!r}")
+    if not 0.0 <= cfg.edge.source_share < 1.0:
+        raise ValueError(f"edge.source_share must be in [0, 1), got {cfg.edge.source_share}")
     if cfg.cloud.sample_stats and cfg.edge.stats_source != "upload":
         raise ValueError("cloud.sample_stats needs edge.stats_source='upload' (the uploads carry the statistics)")
     if not 0.0 < cfg.cloud.upload_stats_momentum <= 1.0:

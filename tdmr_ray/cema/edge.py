@@ -202,7 +202,8 @@ class EdgeRunner:
         set_norm_mode(self.model, self.cfg.edge.norm,
                       update_stats=self.uses_tbr and self.local_stats and self._class_probe is None,
                       mix_weight=self.cfg.edge.mix_weight, momentum=self.cfg.edge.tbr_momentum,
-                      cumulative=self.cfg.edge.tbr_cumulative, total_var=self.cfg.edge.tbr_total_var)
+                      cumulative=self.cfg.edge.tbr_cumulative, total_var=self.cfg.edge.tbr_total_var,
+                      source_share=self.cfg.edge.source_share)
 
     def forward(self, state: EdgeDeviceState, x: torch.Tensor) -> torch.Tensor:
         """Logits for ``x`` with the device's parameters (and its TBR statistics, moved here when local)."""

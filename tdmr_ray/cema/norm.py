@@ -47,6 +47,9 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
         # EMA weights describe). False (BatchNorm's and the reference's rule): the EMA of batch variances,
         # which misses the between-class spread when each batch holds only a few classes.
         self.total_var = False
+        # Share of the source (training) statistics in the statistics a ``tbr`` layer normalizes with:
+        # (1 - a) * running + a * source (``bn_adapt``'s prior, on the TBR statistics). 0: the reference.
+        self.source_share = 0.0
         # Mirrors num_batches_tracked > 0 without a device sync per forward; load_tbr_stats sets it.
         self.stats_started = False
         # (mean, var), each (N, C): normalize sample i with its own statistics instead (the cloud's
@@ -84,6 +87,15 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
         var = (std.square() - self.eps).clamp_min(0) * (n / max(n - 1, 1))
         return mean, std, var
 
+    def _normalizing_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (mean, var) a ``tbr`` layer normalizes with: its running statistics, ``source_share``
+        of the way back to the source ones."""
+        a = self.source_share
+        if not a:
+            return self.running_mean, self.running_var
+        return ((1 - a) * self.running_mean + a * self.source_mean,
+                (1 - a) * self.running_var + a * self.source_var)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "source":
             return F.batch_norm(x, self.source_mean, self.source_var, self.weight, self.bias, False, 0.0, self.eps)
@@ -103,7 +115,7 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
             return x * scale[:, :, None, None] + (self.bias - mean * scale)[:, :, None, None]
         grad = torch.is_grad_enabled()
         if not grad and not self.training and self.stats_started:  # nothing to learn or update
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return F.batch_norm(x, *self._normalizing_stats(), self.weight, self.bias, False, 0.0, self.eps)
         with torch.no_grad():
             mean, batch_std, var = self._batch_stats(x)
         fresh = not self.stats_started
@@ -112,15 +124,16 @@ class TestTimeBatchNorm2d(nn.BatchNorm2d):
             self.running_var.copy_(var)
             self.num_batches_tracked.fill_(1)
             self.stats_started = True
+        norm_mean, norm_var = self._normalizing_stats()
         if grad:
             # ((x - mu_b) / s_b * r + d) * weight + bias, with r = s_b / s_r and d = (mu_b - mu_r) / s_r
             # detached, fused into one batch-norm call with scale weight * r and shift bias + weight * d.
-            running_std = torch.sqrt(self.running_var + self.eps)
+            running_std = torch.sqrt(norm_var + self.eps)
             r = batch_std / running_std
-            d = (mean - self.running_mean) / running_std
+            d = (mean - norm_mean) / running_std
             y = F.batch_norm(x, None, None, self.weight * r, self.bias + self.weight * d, True, 0.0, self.eps)
         else:  # the same value without a graph: normalize with the running statistics directly
-            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            y = F.batch_norm(x, norm_mean, norm_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.training and not fresh:  # (an EMA step towards the batch it started from is a no-op)
             step = self.momentum
             if self.cumulative:
@@ -160,11 +173,12 @@ def test_time_bn_modules(model: nn.Module) -> dict[str, TestTimeBatchNorm2d]:
 
 
 def set_norm_mode(model: nn.Module, mode: str, update_stats: bool = False, mix_weight: float = 0.5,
-                  momentum: float = 0.1, cumulative: bool = False, total_var: bool = False) -> None:
+                  momentum: float = 0.1, cumulative: bool = False, total_var: bool = False,
+                  source_share: float = 0.0) -> None:
     """Select the statistics mode of every test-time BN; ``update_stats`` moves the TBR running
     statistics by EMA with ``momentum`` (``cumulative``: by max(momentum, 1/n); ``total_var``: the
     variance counts the batch means' spread; see the class); ``mix_weight`` is the batch's share in
-    ``mix`` mode."""
+    ``mix`` mode; ``source_share`` the source statistics' share in ``tbr`` mode."""
     if mode not in NORM_MODES:
         raise ValueError(f"unknown normalization mode {mode!r}; expected one of {NORM_MODES}")
     for m in test_time_bn_modules(model).values():
@@ -173,6 +187,7 @@ def set_norm_mode(model: nn.Module, mode: str, update_stats: bool = False, mix_w
         m.momentum = momentum
         m.cumulative = cumulative
         m.total_var = total_var
+        m.source_share = source_share
         m.train(update_stats)
 
 
