@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -128,6 +129,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "online accuracy (every prediction counted once, as made), mean ± std over seeds; "
              "'foundation' is the cloud foundation's own online accuracy on the whole stream (the ceiling "
              "the distillation approaches).", ""]
+    if meta.get("command"):
+        lines[2:2] = [f"Command: `{meta['command']}`", ""]
     for name, overrides in meta.get("variants", {}).items():
         lines.append(f"- `{name}` = {overrides['method']} with {overrides['settings']}")
     lines.append("")
@@ -260,7 +263,8 @@ def main(argv=None) -> int:
     order = {row[0]: i for i, row in enumerate(rows)}
     results.sort(key=lambda r: (modes.index(r["mode"]), order[r["method"]], r["seed"]))
     table = aggregate(results)
-    meta = {"preset": args.preset, "foundation": args.foundation, "seeds": seeds,
+    command = "python bench/cema_algorithm.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    meta = {"command": command, "preset": args.preset, "foundation": args.foundation, "seeds": seeds,
             "variants": {name: {"method": m, "settings": o} for name, m, o in variants},
             "corruptions": corruptions, "severity": args.severity,
             "n_per_corruption": n or len(images), "batch_size": args.batch_size, "modes": modes,

@@ -290,7 +290,8 @@ def targets(per_seed: list[dict], onnx_rows: list[dict]) -> list[str]:
         if row["fake_quant_top1"]:
             gaps = {s: round(abs(row["top1"][s] - row["fake_quant_top1"][s]), 2) for s in row["top1"]}
             ok = all(g <= 0.1 for g in gaps.values())
-            lines.append(f"{row['model']} {row['bits']} ONNX (onnxruntime) top-1 within 0.1 of the fake-quant model: "
+            seed = f" (seed {row['seed']})" if "seed" in row else ""
+            lines.append(f"{row['model']} {row['bits']}{seed} ONNX (onnxruntime) top-1 within 0.1 of the fake-quant model: "
                          f"{'met' if ok else 'NOT met'} (|difference| {gaps})")
     return lines
 
@@ -319,13 +320,14 @@ def markdown(report: dict) -> str:
             if key != "FP":
                 lines.append(f"| {model} | {key} | " + " | ".join(cells) + " |")
     if report["onnx"]:
-        lines += ["", f"ONNX QDQ export run by onnxruntime {report['onnxruntime']} (CPU, 1 thread), seed {seeds[0]}'s "
-                  "models; latency = median ms per call:", "",
+        lines += ["", f"ONNX QDQ export run by onnxruntime {report['onnxruntime']} (CPU, 1 thread), the models of "
+                  f"seed {seeds[0]} (of each run's first seed where runs were merged); latency = median ms per call:", "",
                   "| model | bits | method | onnx clean | onnx jpeg | fake-quant clean | fake-quant jpeg | KiB | size / FP "
                   "| ms batch 1 | ms batch 64 | latency / FP (batch 64) |", "|" + "---|" * 12]
         for r in report["onnx"]:
             fq = r["fake_quant_top1"] or {"clean": "", "jpeg": ""}
-            lines.append(f"| {r['model']} | {r['bits']} | {r['method']} | {r['top1']['clean']:.2f} | {r['top1']['jpeg']:.2f} "
+            method = f"{r['method']} (seed {r['seed']})" if "seed" in r else r["method"]
+            lines.append(f"| {r['model']} | {r['bits']} | {method} | {r['top1']['clean']:.2f} | {r['top1']['jpeg']:.2f} "
                          f"| {fq['clean']} | {fq['jpeg']} | {r['bytes'] / 1024:.0f} | {r['size_ratio_to_fp']} "
                          f"| {r['ms_batch1']} | {r['ms_batch64']} | {r['latency_ratio_to_fp_batch64']} |")
     lines += ["", "Targets:", ""] + [f"- {t}" for t in report["targets"]]
@@ -383,8 +385,10 @@ def merge_reports(paths: list[Path], args) -> dict:
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--merge: a seed appears twice: {seeds}")
     per_seed = [res for r in reports for res in r["per_seed"]]
+    # each run exports its first seed's models: keep every run's rows, with their seed
+    onnx_rows = [dict(row, seed=row.get("seed", r["seeds"][0])) for r in reports for row in r["onnx"]]
     report = dict(first, seeds=seeds, seeds_requested=seeds, per_seed=per_seed, summary=aggregate(per_seed),
-                  targets=targets(per_seed, first["onnx"]), total_s=sum(r["total_s"] for r in reports),
+                  onnx=onnx_rows, targets=targets(per_seed, onnx_rows), total_s=sum(r["total_s"] for r in reports),
                   command="python bench/gdfq.py " + " ".join(sys.argv[1:]),
                   merged_from=[{"file": p.name, "command": r["command"], "seeds": r["seeds"]}
                                for p, r in zip(paths, reports)])

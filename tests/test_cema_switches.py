@@ -131,6 +131,37 @@ def test_device_statistics_travel_with_uploads_and_the_cloud_distils_under_them(
         cloud.process(dataclasses.replace(out.upload, stats=bad))
 
 
+def test_source_share_is_applied_alike_on_the_device_and_in_the_cloud_copy(model):
+    """edge.source_share: the device and the cloud's copy of its model normalize with the same
+    mixture of TBR and source statistics, so the cloud distils under what the device applies."""
+    from tdmr_ray.cema.edge import images_to_input
+    from tdmr_ray.cema.norm import load_tbr_stats, set_norm_mode, test_time_bn_modules
+
+    off = {"redundancy": False, "low_info": False, "unreliable": False}
+    cfg = cfg_with("cema", edge={"stats_source": "upload", "source_share": 0.5}, cloud=small(), filter=off)
+    edge = EdgeRunner(model, cfg)
+    state = edge.new_device("d")
+    cloud = CloudAdapter(model, model, cfg)
+    for i in range(2):
+        cloud.process(edge.infer(state, images(8, i, shift=40.0)).upload)
+    assert {m.source_share for m in test_time_bn_modules(cloud.edge).values()} == {0.5}
+    x = images_to_input(images(8, 5))
+    ks = cloud.keys["d"]
+    load_tbr_stats(cloud.edge, ks.edge.stats)
+    for name, p in cloud.edge.named_parameters():
+        if name in ks.edge.affine:
+            p.data.copy_(ks.edge.affine[name])
+    set_norm_mode(cloud.edge, "tbr", source_share=0.5)
+    state.affine = {k: v.clone() for k, v in ks.edge.affine.items()}
+    edge._load(state)
+    edge.model.eval()  # statistics frozen: both sides normalize with the same numbers
+    with torch.no_grad():
+        on_device, in_cloud = edge.model(x), cloud.edge(x)
+        assert torch.allclose(on_device, in_cloud, atol=1e-4)
+        set_norm_mode(cloud.edge, "tbr", source_share=0.0)
+        assert not torch.allclose(cloud.edge(x), on_device, atol=1e-2)  # the share changes the outputs
+
+
 def test_split_statistics_early_layers_from_the_device_later_ones_from_the_cloud(model):
     """edge.stats_source="split": the cloud distils with the uploader's statistics in the first
     split_layer layers and its own (moved by its steps) in the later ones; updates carry only the
