@@ -10,6 +10,8 @@ Modes (``TestTimeBatchNorm2d.mode``):
   ``(x - mu_b) / s_b * r + d`` with ``r``, ``d`` detached so that gradients flow through the
   batch statistics. The running statistics start from the first batch seen (the reference drops
   the source statistics) and move by EMA (``momentum``) while the module is in training mode.
+  ``source_share`` (beyond the paper; 0 by default) normalizes with those statistics mixed that far
+  back toward the source ones.
 
 The TBR running statistics are the only per-model state here; :func:`read_tbr_stats` and
 :func:`load_tbr_stats` move them in and out, so one model can serve many devices (``None``
