@@ -116,7 +116,7 @@ class EdgeConfig:
     # Beyond the paper: the edge model (on the device and its copy in the cloud) normalizes with
     # (1 - source_share) * its TBR statistics + source_share * the source statistics: bn_adapt's prior
     # on the source (Schneider et al. 2020) applied to TBR's statistics. 0: the reference; cema_plus 0.5
-    # (README: +0.4 to +0.8 for cema_plus in every mode and seed; 0.3 and 0.7 gain nothing on seed 0).
+    # (README: +0.4 to +0.8 for cema_plus in every mode and seed; 0.3 gains nothing on seed 0).
     source_share: float = 0.0
     # Where the edge's TBR statistics come from (methods that upload). "cloud" (default, the
     # reference's behaviour: its edge is a copy of the cloud's edge model, statistics included):
