@@ -16,6 +16,7 @@ Writes ``bench/results/onnx_margins[_tag].{json,md}``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import sys
@@ -36,9 +37,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @torch.inference_mode()
-def logits(model, images, batch: int = 500) -> torch.Tensor:
+def logits(model, images, batch: int = 500, dtype=torch.float32) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(to_float(images[i:i + batch])).float() for i in range(0, len(images), batch)])
+    return torch.cat([model(to_float(images[i:i + batch]).to(dtype)).float() for i in range(0, len(images), batch)])
 
 
 def models_of(spec: str, storage: str):
@@ -65,6 +66,7 @@ def main(argv=None) -> dict:
         a, b = logits(fq, data.x), logits(ort, data.x)
         with torch.backends.mkldnn.flags(enabled=False):  # the same torch model on PyTorch's other CPU kernels
             c = logits(fq, data.x)
+        d = logits(copy.deepcopy(fq).double(), data.x, dtype=torch.float64)  # the same graph in float64
         differ = (a.argmax(1) != b.argmax(1)).nonzero().flatten()
         top2 = a.topk(2, 1).values
         margin = top2[:, 0] - top2[:, 1]
@@ -72,6 +74,8 @@ def main(argv=None) -> dict:
                      "max_abs_logit_diff": round(float((a - b).abs().max()), 4),
                      "differing_torch_kernels": int((a.argmax(1) != c.argmax(1)).sum()),
                      "max_abs_logit_diff_torch_kernels": round(float((a - c).abs().max()), 4),
+                     "differing_float64": int((a.argmax(1) != d.argmax(1)).sum()),
+                     "max_abs_logit_diff_float64": round(float((a - d).abs().max()), 4),
                      "median_margin": round(float(margin.median()), 3),
                      "share_margin_below_0.05": round(float((margin < 0.05).float().mean()) * 100, 2),
                      "margins_of_differing": [round(float(margin[i]), 4) for i in differ]})
@@ -79,12 +83,15 @@ def main(argv=None) -> dict:
     command = shlex.join(["python", "bench/onnx_margins.py", *(sys.argv[1:] if argv is None else argv)])
     lines = ["# onnxruntime vs the fake-quant model: top-1 margins", "", f"Command: `{command}`", "",
              "torch = the fake-quant model on PyTorch's default CPU kernels (oneDNN); torch, oneDNN off = the same "
-             "model on PyTorch's other kernels: how far float rounding alone moves it.", "",
+             "model on PyTorch's other kernels; float64 = the same model in double precision: how far float rounding "
+             "alone moves it.", "",
              "| model | differing top-1, onnxruntime vs torch (of images) | max abs logit diff | differing top-1, torch "
-             "oneDNN off vs on | max abs logit diff | median top-1 margin | margins < 0.05 (%) | margins of the "
-             "differing (onnxruntime) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "oneDNN off vs on | max abs logit diff | differing top-1, torch float64 vs float32 | max abs logit diff "
+             "| median top-1 margin | margins < 0.05 (%) | margins of the "
+             "differing (onnxruntime) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     lines += [f"| {r['model']} | {r['differing']} / {r['images']} | {r['max_abs_logit_diff']} | "
-              f"{r['differing_torch_kernels']} | {r['max_abs_logit_diff_torch_kernels']} | {r['median_margin']} "
+              f"{r['differing_torch_kernels']} | {r['max_abs_logit_diff_torch_kernels']} | {r['differing_float64']} | "
+              f"{r['max_abs_logit_diff_float64']} | {r['median_margin']} "
               f"| {r['share_margin_below_0.05']} | {r['margins_of_differing']} |" for r in rows]
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / ("onnx_margins" + (f"_{args.tag.lstrip('_')}" if args.tag else ""))
