@@ -139,6 +139,19 @@ def test_budget_keeps_a_fixed_share_picked_at_random_or_by_entropy():
         method_config("cema", settings={"filter.budget_pick": "largest"})
 
 
+def test_start_upload_all_sends_every_sample_until_the_filter_has_seen_that_many():
+    logits, _ = batch_with_entropies()  # 4 samples, one of them above E_max
+    cfg = FilterConfig(start_upload_all=6)
+    state = FilterState()
+    assert select_uploads(logits, FilterState(), FilterConfig()).keep.tolist() != [0, 1, 2, 3]  # the rules drop some
+    first, second, third = (select_uploads(logits, state, cfg) for _ in range(3))
+    assert first.keep.tolist() == second.keep.tolist() == [0, 1, 2, 3]  # 0 and 4 seen before: < 6
+    assert 3 not in third.keep.tolist() and third.excluded["unreliable"] >= 1  # from 8 seen on: the rules again
+    assert state.n_seen == 12 and state.history_probs is not None  # the rules' state moved meanwhile
+    with pytest.raises(ValueError, match="start_upload_all"):
+        method_config("cema", settings={"filter.start_upload_all": -1})
+
+
 def test_method_presets_set_switches_and_keep_thresholds():
     base = CEMAConfig()
     base.filter.redundancy_margin = 0.4

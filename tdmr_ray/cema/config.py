@@ -63,6 +63,9 @@ class FilterConfig:
     # separates how many samples the cloud gets from which ones.
     budget_fraction: float = 0.0
     budget_pick: str = "random"
+    # Diagnostic (off in every preset): upload every sample of the first ``start_upload_all`` samples
+    # after the filter state starts or is reset at a detected shift, where the edge lags upload_all most.
+    start_upload_all: int = 0
 
     def with_preset(self, preset: str) -> "FilterConfig":
         """These settings with the on/off switches of a preset from ``FILTER_PRESETS``."""
@@ -277,6 +280,8 @@ def check_config(cfg: "CEMAConfig") -> None:
     if cfg.edge.class_balanced_stats and (cfg.edge.tbr_cumulative or cfg.edge.tbr_total_var):
         raise ValueError("edge.class_balanced_stats computes the edge's statistics itself: it does not combine with "
                          "edge.tbr_cumulative or edge.tbr_total_var")
+    if cfg.filter.start_upload_all < 0:
+        raise ValueError(f"filter.start_upload_all must be >= 0 (0: off), got {cfg.filter.start_upload_all}")
     if not 0.0 <= cfg.filter.budget_fraction <= 1.0:
         raise ValueError(f"filter.budget_fraction must be in [0, 1] (0: off), got {cfg.filter.budget_fraction}")
     if cfg.filter.budget_pick not in BUDGET_PICKS:

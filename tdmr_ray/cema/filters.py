@@ -81,10 +81,15 @@ def select_uploads(logits: torch.Tensor, state: FilterState, cfg: FilterConfig) 
     num_classes = logits.shape[-1]
     logits = logits.detach().float()
     ent = entropy(logits)
+    starting = state.n_seen < cfg.start_upload_all
     update_entropy_stats(state, ent, cfg)
     keep = torch.arange(len(logits))
     excluded = dict.fromkeys(EXCLUSION_REASONS, 0)
     e_max = current_e_max(state, cfg, num_classes) if cfg.unreliable else math.inf
+    if starting:  # filter.start_upload_all: the rules' state still moves, nothing is excluded
+        if cfg.redundancy:
+            redundancy_filter(logits.softmax(-1), state, cfg)
+        return Selection(keep, ent, e_max, excluded)
     if cfg.unreliable:
         kept = keep[ent[keep] < e_max]
         excluded["unreliable"] = len(keep) - len(kept)
