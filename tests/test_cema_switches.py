@@ -331,6 +331,14 @@ def test_settings_apply_over_the_methods_own_switches():
     assert method_config("cema", base).filter.unreliable  # a method sets its filter switches ...
     cfg = method_config("cema", base, {"filter.unreliable": False, "edge.tbr_cumulative": True})
     assert not cfg.filter.unreliable and cfg.edge.tbr_cumulative  # ... settings come last
+    # typed as on the CLI: a bench variant's "shift.reset=filter,replay" is a list of two parts (it was
+    # taken as a string and failed on its characters), and an unknown key is named
+    reset = method_config("cema_plus", settings={"shift.reset": "filter,replay"}).shift.reset
+    assert list(reset) == ["filter", "replay"]
+    from tdmr_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key .shift.no.such.key"):
+        method_config("cema_plus", settings={"shift.no_such_key": 1})
 
 
 def test_augment_views_distil_on_flipped_and_shifted_copies_of_the_new_samples(model):

@@ -375,10 +375,10 @@ def method_config(method: str, base: CEMAConfig | None = None, settings: dict | 
         cfg = dataclasses.replace(base, edge=edge)
     else:
         cfg = dataclasses.replace(base, edge=edge, filter=base.filter.with_preset(spec.filter_preset))
+    from ..config import apply_overrides  # typed: "a,b" for a list field is a list, as on the CLI
+
     for key, value in [*spec.settings, *(settings or {}).items()]:
-        section, name = key.split(".")
-        part = dataclasses.replace(getattr(cfg, section), **{name: value})
-        cfg = dataclasses.replace(cfg, **{section: part})
+        cfg = apply_overrides(cfg, {key: value}, source=f"method {method!r} settings")
     check_config(cfg)
     return cfg
 
