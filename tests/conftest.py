@@ -12,6 +12,10 @@ SHARED = Path(os.environ.get("TDMR_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("TDMR_DATA", str(SHARED / "data"))
 os.environ.setdefault("TDMR_WEIGHTS", str(SHARED / "weights" / "cifar10-resnet"))
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller polls its workers every 2 s by default, so each of the suite's ~30 tiny Train
+# runs waits up to 2 s after its last step (and as long to see a killed worker). Every Ray process
+# this session starts (local instance, `ray start` clusters, multinode scenarios) inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -288,6 +288,36 @@ def test_detected_shift_resets_edge_and_cloud_parts(model):
     assert ks.shift_resets == 1
 
 
+def test_cema_plus_shift_restarts_statistics_replay_and_filter_but_keeps_the_adapted_parameters(model):
+    """cema_plus's reset list: the old domain's statistics, replay and filter state go; the adapted
+    affine parameters carry over to the next domain, on the device and in the cloud's copies."""
+    reset = method_config("cema_plus").shift.reset
+    assert set(reset) == {"filter", "edge_stats", "replay", "foundation_stats"}
+    # (a cloud batch of 16: the 8 samples after the shift start no step, so the reset alone is seen)
+    cfg = cfg_with("upload_all", cloud=small(batch_size=16, replay_min=64), shift={"detect": "oracle", "reset": reset})
+    edge, cloud = EdgeRunner(model, cfg), CloudAdapter(model, model, cfg)
+    state = edge.new_device("d")
+    for i in range(8):
+        update = cloud.process(edge.infer(state, images(8, i)).upload)
+        state.offer(update) if update else None
+    ks = cloud.keys["d"]
+    state.apply_pending()
+    assert state.version > 0 and any(not torch.equal(state.affine[k], edge.initial_affine[k]) for k in state.affine)
+    edge_before = {k: v.clone() for k, v in state.affine.items()}
+    cloud_before = {k: v.clone() for k, v in ks.edge.affine.items()}
+    foundation_before = {k: v.clone() for k, v in ks.foundation.affine.items()}
+    out = edge.infer(state, images(8, 50, shift=40), shift=True)
+    assert out.shifted and state.filter.n_seen == 8  # filter restarted: only this batch
+    assert all(torch.equal(state.affine[k], edge_before[k]) for k in state.affine)  # parameters kept
+    assert ks.foundation.stats is not None
+    steps = ks.steps
+    cloud.process(out.upload)
+    assert ks.shift_resets == 1 and ks.steps == steps and len(ks.replay) == 8  # only the new upload
+    assert ks.foundation.stats is None
+    assert all(torch.equal(ks.edge.affine[k], cloud_before[k]) for k in ks.edge.affine)
+    assert all(torch.equal(ks.foundation.affine[k], foundation_before[k]) for k in ks.foundation.affine)
+
+
 def test_source_pull_keeps_parameters_near_the_source(model):
     far, near = [], []
     for pull, out in ((0.0, far), (0.5, near)):

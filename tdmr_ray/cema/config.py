@@ -334,7 +334,10 @@ CEMA_PLUS_SETTINGS: tuple[tuple[str, object], ...] = (
     ("edge.split_layer", 13),
     ("edge.split_gate", "burst"),
     ("shift.detect", "stats"),
-    ("shift.reset", ["filter", "edge_stats", "edge_affine", "replay", "foundation_stats", "foundation_affine"]),
+    # A shift restarts what describes the old domain (statistics, replay, filter state); the adapted
+    # affine parameters carry over (pulled toward the source): neighbouring domains share much of
+    # them (medium continual stream +1.53, quick +0.47 over 3 seeds against resetting them too).
+    ("shift.reset", ["filter", "edge_stats", "replay", "foundation_stats"]),
     ("cloud.source_pull", 0.01),
     ("edge.source_share", 0.5),
 )
