@@ -30,11 +30,13 @@ def main(argv=None) -> dict:
         qmodel, report, history = final_model(cfg, result)
         fp_acc = evaluate(resolve_model(cfg.model, cfg.storage).eval(), cfg.eval_limit, cfg.seed)
         q_acc = evaluate(qmodel, cfg.eval_limit, cfg.seed)
-    with run.phase("onnx"):  # the integer model a standard runtime runs, checked against the fake-quant one
-        from tdmr_ray.gdfq.onnx_export import OnnxRuntimeModel, export_onnx
+    onnx_model, onnx_acc = None, None
+    if cfg.onnx:
+        with run.phase("onnx"):  # the integer model a standard runtime runs, checked against the fake-quant one
+            from tdmr_ray.gdfq.onnx_export import OnnxRuntimeModel, export_onnx
 
-        onnx_model = export_onnx(qmodel, run.output_dir / "model.onnx")
-        onnx_acc = evaluate(OnnxRuntimeModel(onnx_model), cfg.eval_limit, cfg.seed)
+            onnx_model = export_onnx(qmodel, run.output_dir / "model.onnx")
+            onnx_acc = evaluate(OnnxRuntimeModel(onnx_model), cfg.eval_limit, cfg.seed)
     version = None
     if cfg.publish:
         from tdmr_ray.gdfq.registry_format import publish_quantized
@@ -46,7 +48,7 @@ def main(argv=None) -> dict:
                                     metrics={"top1": q_acc, "fp_top1": fp_acc, "onnx_top1": onnx_acc},
                                     onnx=onnx_model).ref
     metrics = {"fp_top1": fp_acc, "quantized_top1": q_acc, "bits": f"W{cfg.w_bits}A{cfg.a_bits}",
-               "onnx_top1": onnx_acc, "onnx_bytes": len(onnx_model),
+               "onnx_top1": onnx_acc, "onnx_bytes": len(onnx_model) if onnx_model else None,
                "quantization_report": report.to_dict(), "epochs": len(history),
                "world_size": (result.metrics or {}).get("world_size"),
                "worker_nodes": (result.metrics or {}).get("worker_nodes"),
@@ -56,8 +58,8 @@ def main(argv=None) -> dict:
                "history": history, "ray_train_path": result.path}
     headline = {"FP top-1 clean / JPEG": f"{fp_acc['clean']:.2f}% / {fp_acc['jpeg']:.2f}%",
                 f"W{cfg.w_bits}A{cfg.a_bits} top-1 clean / JPEG (final model)": f"{q_acc['clean']:.2f}% / {q_acc['jpeg']:.2f}%",
-                "ONNX QDQ (onnxruntime) top-1 clean / JPEG": f"{onnx_acc['clean']:.2f}% / {onnx_acc['jpeg']:.2f}% "
-                                                             f"({len(onnx_model) / 1024:.0f} KiB, model.onnx)",
+                "ONNX QDQ (onnxruntime) top-1 clean / JPEG": "not exported (--no-onnx)" if onnx_model is None else
+                f"{onnx_acc['clean']:.2f}% / {onnx_acc['jpeg']:.2f}% ({len(onnx_model) / 1024:.0f} KiB, model.onnx)",
                 "generated images labelled as intended by the FP model (last epoch)":
                     f"{metrics['generator_agreement']}%",
                 "registry version": version}

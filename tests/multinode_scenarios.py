@@ -86,7 +86,8 @@ def train_and_serve_two_nodes(out: Path) -> dict:
         summary = gdfq.main(["--gdfq.epochs", "2", "--gdfq.iters-per-epoch", "2", "--gdfq.batch-size", "8",
                              "--gdfq.warmup-epochs", "1", "--gdfq.range-update-epochs", "1",
                              "--gdfq.lr-milestones", "1", "--eval-limit", "100", "--num-workers", "2",
-                             "--no-publish", "--output-dir", str(out / "run"), "--storage", str(out / "store")])
+                             "--no-publish", "--no-onnx", "--output-dir", str(out / "run"),
+                             "--storage", str(out / "store")])
         m = summary["metrics"]
         train = {"world_size": m["world_size"], "worker_nodes": m["worker_nodes"], "epochs": m["epochs"]}
         trained = time.time()

@@ -208,10 +208,7 @@ def test_runs_with_one_run_name_are_isolated(ray_session, tmp_path):
     second = run("c")
     assert second["run_id"] != first["run_id"] and second["adapter"]["restored_from"] == 0
     assert second["adapter"]["acked_samples"] == second["adapter"]["processed_samples"]
-    # resuming (as after a driver crash) continues that run: nothing re-run, its adapter state restored
-    resumed = run("e", "--resume", first["run_id"])
-    assert resumed["run_id"] == first["run_id"] and resumed["adapter"]["restored_from"] > 0
-    assert resumed["samples"] == first["samples"] and resumed["hosts_restored"] >= 1
+    # (--resume of a run: test_driver_killed_mid_run_resumes_with_nothing_lost; an unknown one is named)
     with pytest.raises(SystemExit):
         run("d", "--resume", "iso-no-such-run")
 

@@ -23,8 +23,11 @@ def test_gdfq_job_on_s3_checkpoints_and_publishes_there(ray_session, s3_server, 
     summary = gdfq.main(["--gdfq.epochs", "2", "--gdfq.iters-per-epoch", "2", "--gdfq.batch-size", "8",
                          "--gdfq.warmup-epochs", "1", "--gdfq.range-update-epochs", "1", "--gdfq.lr-milestones", "1",
                          "--eval-limit", "100", "--num-workers", "1", "--w-bits", "8", "--a-bits", "8",
+                         "--no-onnx",  # (the ONNX copy is tested in test_gdfq_job; here it is skipped as asked)
                          "--output-dir", str(tmp_path / "out"), "--storage", storage])
     keys = _keys(s3_server, "jobs-gdfq/")
+    assert summary["metrics"]["onnx_top1"] is None and not any(k.endswith("model.onnx") for k in keys)
+    assert not (tmp_path / "out" / "model.onnx").exists()
     assert any(k.startswith("jobs-gdfq/ray-train/") and k.endswith("train_state.pt") for k in keys)
     assert summary["registry_version"] == "resnet20-w8a8@v1"
     model = Registry.for_storage(storage).load_model("resnet20-w8a8")

@@ -30,6 +30,9 @@ class GDFQJobConfig(CommonConfig):
     max_failures: int = 2
     run_name: str = ""  # Ray Train run name (default: from the output directory); the same name resumes
     publish: bool = True
+    # Export the ONNX QDQ copy, check it under onnxruntime and publish it beside the tensors (off: the
+    # safetensors export only, e.g. for a model the exporter does not handle)
+    onnx: bool = True
     registry_name: str = ""  # default <model>-w<w>a<a>
     eval_limit: int = 0  # JPEG test images for the final evaluation (0: all 10,000)
     # Per-epoch "accuracy" on this many clean CIFAR-10 *training* images (0: off); sweeps rank
