@@ -6,13 +6,17 @@ from tdmr_ray.models import (create_model, get_norm_affine, list_models, load_le
                              pretrained_path, set_norm_affine)
 
 
-@pytest.mark.parametrize("name,clean,jpeg", [("resnet20", 91.6, 81.0), ("resnet56", 92.7, None)])
+@pytest.mark.parametrize("name,clean,jpeg", [("resnet20", 91.6, 80.45), ("resnet56", 92.7, None)])
 def test_pretrained_accuracy_matches_reference(name, clean, jpeg, clean_subset, jpeg_test):
-    """Clean subset for both; the 10,000-image JPEG set (40 s for ResNet-56 on 2 cores) for ResNet-20."""
+    """Clean subset for both; for ResNet-20 also every 5th image of the JPEG test set (2,000 of every
+    class alike: 80.45, against 81.03 on all 10,000, which take 5x as long)."""
+    from tdmr_ray.data.datasets import ImageSet
+
     model = create_model(name, pretrained=True)
     assert abs(accuracy(model, clean_subset) - clean) <= 0.5
     if jpeg is not None:
-        assert abs(accuracy(model, jpeg_test) - jpeg) <= 0.5
+        fifth = ImageSet(jpeg_test.x[::5], jpeg_test.y[::5], jpeg_test.classes, jpeg_test.source)
+        assert abs(accuracy(model, fifth) - jpeg) <= 0.5
 
 
 def test_registered_cifar_resnets_have_expected_sizes():
