@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import torch  # noqa: E402
+from results_io import command_line, write_rows  # noqa: E402
 
 from tdmr_ray.data import load_dataset, to_float  # noqa: E402
 from tdmr_ray.gdfq.baselines import noise_calibrated  # noqa: E402
 from tdmr_ray.gdfq.onnx_export import OnnxRuntimeModel, export_onnx  # noqa: E402
 from tdmr_ray.models import create_model  # noqa: E402
 from tdmr_ray.registry import ARTIFACT_FILES, Registry, parse_ref  # noqa: E402
-from tdmr_ray.utils import write_atomic  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @torch.inference_mode()
@@ -80,7 +77,7 @@ def main(argv=None) -> dict:
                      "share_margin_below_0.05": round(float((margin < 0.05).float().mean()) * 100, 2),
                      "margins_of_differing": [round(float(margin[i]), 4) for i in differ]})
         print(rows[-1], flush=True)
-    command = shlex.join(["python", "bench/onnx_margins.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("onnx_margins.py", argv)
     lines = ["# onnxruntime vs the fake-quant model: top-1 margins", "", f"Command: `{command}`", "",
              "torch = the fake-quant model on PyTorch's default CPU kernels (oneDNN); torch, oneDNN off = the same "
              "model on PyTorch's other kernels; float64 = the same model in double precision: how far float rounding "
@@ -93,10 +90,7 @@ def main(argv=None) -> dict:
               f"{r['differing_torch_kernels']} | {r['max_abs_logit_diff_torch_kernels']} | {r['differing_float64']} | "
               f"{r['max_abs_logit_diff_float64']} | {r['median_margin']} "
               f"| {r['share_margin_below_0.05']} | {r['margins_of_differing']} |" for r in rows]
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / ("onnx_margins" + (f"_{args.tag.lstrip('_')}" if args.tag else ""))
-    write_atomic(stem.with_suffix(".json"), json.dumps({"command": command, "rows": rows}, indent=1).encode())
-    write_atomic(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+    write_rows("onnx_margins", args.tag, command, rows, lines)
     return {"rows": rows}
 
 

@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import torch  # noqa: E402
+from results_io import command_line, write_rows  # noqa: E402
 
 from tdmr_ray.data import load_dataset, to_float  # noqa: E402
 from tdmr_ray.gdfq.baselines import noise_calibrated  # noqa: E402
 from tdmr_ray.gdfq.fake_quant import ActivationQuantizer, QuantConv2d, affine_qparams  # noqa: E402
 from tdmr_ray.models import create_model  # noqa: E402
-from tdmr_ray.utils import write_atomic  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # (a, b): the two runs compared; each run = (convolution arithmetic, batch norm, oneDNN on)
 PAIRS = {
     "float: oneDNN off vs on": (("float", "fused", True), ("float", "fused", False)),
@@ -122,7 +119,7 @@ def main(argv=None) -> dict:
                          "top1_a": round(100 * float((x.argmax(1) == labels).float().mean()), 2),
                          "top1_b": round(100 * float((y.argmax(1) == labels).float().mean()), 2)})
             print(rows[-1], flush=True)
-    command = shlex.join(["python", "bench/quant_arithmetic.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("quant_arithmetic.py", argv)
     lines = ["# Would integer-exact convolutions make two runtimes agree?", "", f"Command: `{command}`", "",
              "Noise-calibrated models, clean subset; each row runs one model twice with one arithmetic detail "
              "changed (see the script's docstring).", "",
@@ -130,10 +127,7 @@ def main(argv=None) -> dict:
              "(% of images) | top-1 a / b (%) |", "|---|---|---:|---:|---:|---|"]
     lines += [f"| {r['model']} | {r['pair']} | {r['differing_top1']} / {r['images']} | {r['max_abs_logit_diff']} | "
               f"{r['bit_identical_images_pct']} | {r['top1_a']} / {r['top1_b']} |" for r in rows]
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / ("quant_arithmetic" + (f"_{args.tag.lstrip('_')}" if args.tag else ""))
-    write_atomic(stem.with_suffix(".json"), json.dumps({"command": command, "rows": rows}, indent=1).encode())
-    write_atomic(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+    write_rows("quant_arithmetic", args.tag, command, rows, lines)
     return {"rows": rows}
 
 
