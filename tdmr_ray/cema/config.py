@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..config import apply_overrides
+
 
 @dataclass
 class FilterConfig:
@@ -378,10 +380,8 @@ def method_config(method: str, base: CEMAConfig | None = None, settings: dict | 
         cfg = dataclasses.replace(base, edge=edge)
     else:
         cfg = dataclasses.replace(base, edge=edge, filter=base.filter.with_preset(spec.filter_preset))
-    from ..config import apply_overrides  # typed: "a,b" for a list field is a list, as on the CLI
-
-    for key, value in [*spec.settings, *(settings or {}).items()]:
-        cfg = apply_overrides(cfg, {key: value}, source=f"method {method!r} settings")
+    # typed as on the CLI ("a,b" for a list field is a list); the caller's settings win over the method's
+    cfg = apply_overrides(cfg, {**dict(spec.settings), **(settings or {})}, source=f"method {method!r} settings")
     check_config(cfg)
     return cfg
 
