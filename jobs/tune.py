@@ -19,7 +19,7 @@ import yaml  # noqa: E402
 
 from tdmr_ray.config import flatten  # noqa: E402
 from tdmr_ray.runtime import fail, init_ray, start_job  # noqa: E402
-from tdmr_ray.tuning import JOB_PACKAGES, SWEEP_PRESETS, SweepConfig, run_sweep  # noqa: E402
+from tdmr_ray.tuning import JOB_PACKAGES, SWEEP_PRESETS, SweepConfig, check_job_overrides, run_sweep  # noqa: E402
 
 
 def check_job(cfg: SweepConfig) -> None:
@@ -30,11 +30,22 @@ def check_job(cfg: SweepConfig) -> None:
 def main(argv=None) -> dict:
     cfg, run = start_job("tune", SweepConfig, argv, SWEEP_PRESETS, __doc__, validate=check_job)
     try:
-        job_overrides = flatten(yaml.safe_load(Path(cfg.job_config).read_text()) or {}) if cfg.job_config else {}
+        loaded = yaml.safe_load(Path(cfg.job_config).read_text()) if cfg.job_config else {}
     except (OSError, yaml.YAMLError) as exc:
         fail(f"cannot read --job-config {cfg.job_config}: {exc}")
+    if not isinstance(loaded or {}, dict):
+        fail(f"--job-config {cfg.job_config}: top level must be a mapping of keys to values")
+    job_overrides = flatten(loaded or {})
     if cfg.job == "cema":  # the sweep adapts CEMA's algorithm: keys under cema.* in a jobs/cema.py YAML
+        others = sorted(k for k in job_overrides if not k.startswith("cema."))
+        if others:
+            print(f"[tune] --job-config: the CEMA sweep runs the algorithm, not the fleet; ignoring {others}",
+                  flush=True)
         job_overrides = {k.removeprefix("cema."): v for k, v in job_overrides.items() if k.startswith("cema.")}
+    try:
+        check_job_overrides(cfg, job_overrides)
+    except ValueError as exc:
+        fail(str(exc))
     init_ray()
     with run.phase("sweep"):
         try:

@@ -68,6 +68,34 @@ DEFAULTS = {
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MODEL_ARTIFACTS = ("", "onnx")
+
+
+def typed_config(config: dict) -> dict:
+    """``config`` with every value of its ``DEFAULTS`` key's type (an int is a float where a float is
+    expected), numbers positive (the batch wait at least 0); a ValueError names the key otherwise."""
+    unknown = set(config) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown serve config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    typed = {}
+    for key, value in config.items():
+        kind = type(DEFAULTS[key])
+        if kind in (int, float) and isinstance(value, str):  # `serve run serve.app:build key=value` passes text
+            try:
+                value = kind(value)
+            except ValueError:
+                raise ValueError(f"serve config: {key} must be {kind.__name__} (default {DEFAULTS[key]!r}), "
+                                 f"got {value!r}") from None
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"serve config: {key} must be {kind.__name__} (default {DEFAULTS[key]!r}), got {value!r}")
+        if kind in (int, float) and (value < 0 or (value == 0 and key != "batch_wait_timeout_s")):
+            raise ValueError(f"serve config: {key} must be positive, got {value!r}")
+        typed[key] = value
+    if typed.get("model_artifact", "") not in MODEL_ARTIFACTS:
+        raise ValueError(f"serve config: model_artifact must be one of {MODEL_ARTIFACTS}, got {typed['model_artifact']!r}")
+    return typed
 
 
 def serve_http_host() -> str | None:
@@ -205,10 +233,7 @@ class EdgeModelServer:
         if "api_key" in user_config:
             raise ValueError("serve config: api_key must not be in user_config (Serve's REST API shows it); "
                              "set TDMR_SERVE_API_KEY in the replicas' environment (runtime_env env_vars)")
-        unknown = set(user_config) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown serve config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        self.config.update(user_config)
+        self.config = typed_config({**self.config, **user_config})  # all checked before any is used
         torch.set_num_threads(int(self.config["threads"]))
         self.registry = Registry(self.config["registry"] or None)
         self.api_key = os.environ.get("TDMR_SERVE_API_KEY", "")
@@ -246,6 +271,14 @@ class EdgeModelServer:
         self.base_affine = {k: v.detach().clone() for k, v in self.live_affine.items()}
         # swapped between batches: requests see one or the other; GET /models reads the kept metadata
         self.model, self.model_ref, self.model_meta = model, ref, meta
+        # Parameter sets kept for the old model that do not fit the new one are dropped, not applied:
+        # their next request reloads them (checked against the new model, a 409 if still unfit).
+        for device_id in [d for d, p in self._sets.items() if not self._fits(p.params)]:
+            del self._sets[device_id]
+
+    def _fits(self, params: dict) -> bool:
+        expected = self.base_affine
+        return set(params) == set(expected) and all(params[k].shape == expected[k].shape for k in expected)
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
@@ -298,8 +331,7 @@ class EdgeModelServer:
         base = str(meta.get("base") or "").split("@")[0]
         if base and base != self.config["model"]:
             raise ValueError(f"{param_set.name}@v{version} is for model {base!r}, not the served {self.config['model']!r}")
-        expected = self.base_affine
-        if set(params) != set(expected) or any(params[k].shape != expected[k].shape for k in expected):
+        if not self._fits(params):
             raise ValueError(f"{param_set.name}@v{version} does not fit the served model's normalization parameters")
         if not all(torch.isfinite(v).all() for v in params.values()):
             raise ValueError(f"{param_set.name}@v{version} holds non-finite values")
@@ -406,9 +438,13 @@ class EdgeModelServer:
         limit = int(self.config["max_request_bytes"])
         if int(request.headers.get("content-length") or 0) > limit:
             raise BadRequest(413, f"request body over {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise BadRequest(413, f"request body over {limit} bytes")
+        chunks, size = [], 0  # read as it arrives: a chunked body has no length to check up front
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, f"request body over {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         t0 = time.perf_counter()
         x = decode_request(body, int(self.config["input_size"]), self.channels,
                            int(self.config["max_images_per_request"]))

@@ -35,8 +35,8 @@ def decode_request(body: bytes, input_size: int, channels: int, max_images: int)
     """Body bytes -> uint8 images (N, H, W, C) of the model's input size."""
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(400, f"body is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, over-long ints, deep nesting
+        raise BadRequest(400, f"body is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(payload, dict):
         raise BadRequest(400, "body must be a JSON object with 'images' or 'array'")
     if "images" in payload:
@@ -59,7 +59,7 @@ def decode_request(body: bytes, input_size: int, channels: int, max_images: int)
 
 
 def _decode_image(data: bytes, index: int, channels: int, input_size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
@@ -70,8 +70,11 @@ def _decode_image(data: bytes, index: int, channels: int, input_size: int) -> np
                 raise BadRequest(422, f"images[{index}] is {im.size[0]}x{im.size[1]}; images must be "
                                       f"{input_size}x{input_size}")
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise BadRequest(400, f"images[{index}] cannot be decoded as PNG/JPEG ({exc})") from None
+    except BadRequest:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError,
+        # struct.error, zlib.error, DecompressionBombError ... on corrupt files: all of them are the client's bytes
+        raise BadRequest(400, f"images[{index}] cannot be decoded as PNG/JPEG ({type(exc).__name__}: {exc})") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 

@@ -42,6 +42,12 @@ def _coerce(value, tp, key: str):
     if tp is str and isinstance(value, bool):  # (str(False) would pass as the string "False")
         raise ConfigError(f"config key {key!r}: got the boolean {value} where a string is expected; YAML reads "
                           f"unquoted off/on/yes/no/true/false as booleans: quote it (e.g. 'off')")
+    if tp in (int, float) and isinstance(value, bool):  # (YAML true would pass as 1)
+        raise ConfigError(f"config key {key!r}: got the boolean {value} where a number is expected")
+    if (tp in (int, float, str) and isinstance(value, (dict, list, tuple))) or (
+            origin in (list, tuple) and isinstance(value, dict)):
+        raise ConfigError(f"config key {key!r}: got a {type(value).__name__} ({value!r}) where a "
+                          f"{getattr(tp, '__name__', tp)} is expected")
     try:
         if origin in (list, tuple):
             (item_tp, *_) = typing.get_args(tp) or (str,)
@@ -141,7 +147,7 @@ def load_config(cls: type[C], argv: Sequence[str] | None = None, presets: dict[s
             raise ConfigError(f"{config_file}: top level must be a mapping of keys to values")
     flag_values = _nest(args)
     preset = flag_values.get("preset", file_values.get("preset", getattr(cls(), "preset", None)))
-    if presets and preset not in presets:
+    if presets and (not isinstance(preset, str) or preset not in presets):
         raise ConfigError(f"unknown preset {preset!r}; known: {sorted(presets)}")
     cfg = cls()
     cfg = _apply(cfg, presets.get(preset, {}), f"preset {preset!r}")

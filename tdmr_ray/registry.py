@@ -175,15 +175,15 @@ class Registry:
 
     # -- reading ---------------------------------------------------------------------------
     def names(self) -> list[str]:
-        info = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        info = self._info(pafs.FileSelector(self.root, allow_not_found=True), self.root)
         return sorted(i.base_name for i in info if i.type == pafs.FileType.Directory and _NAME.match(i.base_name))
 
     def versions(self, name: str, complete_only: bool = True) -> list[int]:
-        infos = self.fs.get_file_info(pafs.FileSelector(join(self.root, name), allow_not_found=True))
+        infos = self._info(pafs.FileSelector(join(self.root, name), allow_not_found=True), join(self.root, name))
         found = sorted(int(m.group(1)) for i in infos if (m := _VERSION_DIR.match(i.base_name)))
         if not complete_only:
             return found
-        metas = self.fs.get_file_info([join(self.root, name, f"v{v:06d}", META) for v in found])
+        metas = self._info([join(self.root, name, f"v{v:06d}", META) for v in found], join(self.root, name))
         return [v for v, i in zip(found, metas) if i.type == pafs.FileType.File]
 
     def latest_version(self, name: str, complete_only: bool = True) -> int | None:
@@ -211,16 +211,20 @@ class Registry:
         return version
 
     def _complete(self, name: str, version: int) -> bool:
-        info = self.fs.get_file_info(join(self.root, name, f"v{version:06d}", META))
+        path = join(self.root, name, f"v{version:06d}", META)
+        info = self._info(path, path)
         return info.type == pafs.FileType.File
 
     def meta(self, name: str, version: int | None = None) -> dict:
         version = self._resolve(name, version)
         path = join(self.root, name, f"v{version:06d}", META)
         try:
-            return json.loads(self._read(path))
+            meta = json.loads(self._read(path))
         except json.JSONDecodeError as exc:
             raise RegistryError(f"{path}: corrupt metadata ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("version") != version or "sha256" not in meta:
+            raise RegistryError(f"{path}: corrupt metadata (not a mapping with this version and a sha256)")
+        return meta
 
     def load_tensors(self, name: str, version: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         meta = self.meta(name, version)
@@ -287,6 +291,14 @@ class Registry:
                 raise RegistryError(f"no model or parameter set named {name!r} in registry {self.root} "
                                     f"(known: {self.names()[:20]})")
         return version
+
+    def _info(self, what, where: str):
+        """``fs.get_file_info(what)``; a storage failure (an unreachable S3 endpoint, denied access)
+        is a RegistryError naming ``where``."""
+        try:
+            return self.fs.get_file_info(what)
+        except OSError as exc:
+            raise RegistryError(f"cannot list {where}: {exc}") from exc
 
     def _read(self, path: str) -> bytes:
         try:

@@ -122,6 +122,19 @@ def _trial_id() -> str:
 TRIALS = {"cema": cema_trial, "gdfq": _train_job_trial("gdfq"), "tdmr": _train_job_trial("tdmr")}
 
 
+def check_job_overrides(cfg: SweepConfig, job_overrides: dict) -> None:
+    """Apply ``job_overrides`` to the job's base config once, before any trial starts, so that an
+    unknown key or a value of the wrong type is one error naming it (ConfigError, a ValueError)
+    instead of every trial failing inside Ray."""
+    if cfg.job == "cema":
+        from .fleet.config import fleet_cema_config
+
+        apply_overrides(fleet_cema_config(), job_overrides, "--job-config (cema.*)")
+    else:
+        module = importlib.import_module(f"tdmr_ray.{cfg.job}.job")
+        apply_overrides(module.job_config(cfg.preset), job_overrides, "--job-config")
+
+
 def run_sweep(cfg: SweepConfig, output_dir: Path, job_overrides: dict) -> dict:
     """Run the sweep; write results.csv/.md, best_config.yaml and best_trials.png; return a summary."""
     from ray import tune

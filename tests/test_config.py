@@ -55,6 +55,20 @@ def test_unknown_keys_and_flags_are_named(tmp_path, capsys):
     assert load_config(Cfg, ["--name", "off"], PRESETS).name == "off"  # a flag's value stays a string
 
 
+@pytest.mark.parametrize("yaml_text, says", [
+    ("name: [a, b]\n", "'name': got a list"),           # would have become the string "['a', 'b']"
+    ("inner:\n  steps: true\n", "'inner.steps': got the boolean True where a number"),  # would be 1
+    ("inner:\n  lr: false\n", "'inner.lr': got the boolean False where a number"),     # would be 0.0
+    ("sizes: {a: 1}\n", "'sizes': got a dict"),           # would be the mapping's keys
+    ("preset: [quick]\n", "unknown preset \\['quick'\\]"),  # was a TypeError (unhashable)
+])
+def test_yaml_values_of_the_wrong_kind_are_named(tmp_path, yaml_text, says):
+    yml = tmp_path / "c.yaml"
+    yml.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=says):
+        load_config(Cfg, ["--config", str(yml)], PRESETS)
+
+
 def test_fleet_users_settings_win_over_the_methods_own(tmp_path):
     """A method's preset (cema_plus: source pull 0.01, device statistics) must not silently replace
     what the user set by flag or file, also where the user sets the reference's default value."""

@@ -31,6 +31,16 @@ def test_torchvision_cifar10_offline_error_is_clear(tmp_path, monkeypatch):
         load_dataset("cifar10", "test", root=tmp_path)
 
 
+def test_a_corrupt_torchvision_cifar10_folder_is_named(tmp_path):
+    """A cifar-10-batches-py folder whose files fail torchvision's checksum (nothing is unpickled)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("test_batch", "batches.meta"):
+        (folder / name).write_bytes(b"not the original file")
+    with pytest.raises(DatasetNotFound, match=r"cifar-10-batches-py is incomplete or corrupt"):
+        load_dataset("cifar10", "test", root=tmp_path)
+
+
 def _write_folder(root, sizes=(8, 8), mode="RGB", n=3):
     rng = np.random.default_rng(0)
     for cls in ("cat", "ant"):

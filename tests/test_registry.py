@@ -46,6 +46,28 @@ def test_unknown_name_and_bad_name(registry):
         registry.publish("../escape", {}, kind="model", format="normalized-model")
 
 
+def test_a_storage_failure_while_listing_is_a_registry_error(tmp_path):
+    """What Serve answers with 502 (and the poller logs) is a RegistryError naming the listed path,
+    not pyarrow's OSError; nothing stored is touched."""
+    registry = Registry(str(tmp_path / "reg"))
+    registry.publish_edge_params("dev-1", get_norm_affine(create_model("resnet20")), base="edge@v1")
+    real = registry.fs
+
+    class Unreachable:  # the filesystem's listing fails, as an S3 endpoint that went away does
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def get_file_info(self, *args, **kwargs):
+            raise OSError("When listing objects: connection refused")
+
+    registry.fs = Unreachable()
+    for call in (registry.names, lambda: registry.versions("dev-1"), lambda: registry.latest_version("dev-1")):
+        with pytest.raises(RegistryError, match=r"cannot list .*reg.*connection refused"):
+            call()
+    registry.fs = real
+    assert registry.versions("dev-1") == [1]
+
+
 def test_corrupt_tensor_file_is_detected_and_named(tmp_path):
     registry = Registry(str(tmp_path / "reg"))
     registry.publish_model("edge", create_model("resnet20"))
@@ -68,9 +90,10 @@ def test_mismatched_architecture_is_named(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(RegistryError, match="do not fit"):
         registry.load_model("edge", v.version)
-    meta_path.write_text("{not json")
-    with pytest.raises(RegistryError, match="corrupt metadata"):
-        registry.meta("edge", 1)
+    for text in ("{not json", json.dumps({**meta, "version": None}), json.dumps([meta])):  # hand-edited files
+        meta_path.write_text(text)
+        with pytest.raises(RegistryError, match="v000001/meta.json: corrupt metadata"):
+            registry.load_model("edge", 1)
 
 
 def test_half_written_version_is_invisible(tmp_path):

@@ -137,3 +137,54 @@ def test_api_key_is_required_when_set():
     server._check_key(Req({"authorization": "Bearer s3cret"}))
     server.api_key = ""
     server._check_key(Req({}))  # no key configured: open (loopback only, see reconfigure)
+
+
+def test_config_values_are_typed_and_a_bad_one_names_its_key():
+    from serve.app import DEFAULTS, typed_config
+
+    config = typed_config({**DEFAULTS, "max_request_bytes": "1024", "poll_interval_s": 3, "model_artifact": "onnx"})
+    assert config["max_request_bytes"] == 1024 and config["poll_interval_s"] == 3.0  # CLI text and YAML ints
+    for key, value, says in (("max_request_bytes", "16MB", "must be int"), ("poll_interval_s", "2s", "must be float"),
+                             ("threads", True, "must be int"), ("model", 7, "must be str"),
+                             ("max_batch_size", 0, "must be positive"), ("model_artifact", "pickle", "one of"),
+                             ("max_batch", 8, "unknown serve config keys")):
+        with pytest.raises(ValueError, match=f"{key}.*{says}|{says}.*{key}"):
+            typed_config({**DEFAULTS, key: value})
+
+
+def test_a_chunked_body_over_the_limit_is_refused_before_it_is_all_read():
+    """No Content-Length (chunked transfer): the replica stops reading at the limit with a 413."""
+    from serve.codec import BadRequest
+
+    _, server = replica(None, max_request_bytes=1000)
+    read = []
+
+    class ChunkedRequest:
+        headers = {}
+
+        async def stream(self):
+            for _ in range(100):  # 100 x 100 bytes offered
+                read.append(100)
+                yield b"x" * 100
+
+    with pytest.raises(BadRequest) as exc:
+        asyncio.run(server._predict(ChunkedRequest()))
+    assert exc.value.status == 413 and sum(read) == 1100  # stopped at the first chunk past the limit
+
+
+def test_a_new_base_model_drops_the_kept_sets_that_no_longer_fit(tmp_path):
+    """A new base version of another shape (ResNet-20 -> ResNet-56 under the same name): the sets
+    kept for the old one are not applied to it (every request of a batch would fail), and the next
+    request for such a set is answered as unfit (409) by the check that loads it."""
+    registry = Registry(str(tmp_path / "reg"))
+    r20 = create_model("resnet20").eval()
+    registry.publish_edge_params("edge-fog", get_norm_affine(r20), base=registry.publish_model("cema-edge", r20).ref)
+    _, server = replica(registry)
+    server._swap_base_model(*server._read_base_model())
+    assert asyncio.run(server.get_param_set("fog")).ref == "edge-fog@v1"
+    registry.publish_model("cema-edge", create_model("resnet56").eval())
+    server._swap_base_model(*server._read_base_model())
+    assert server.model_ref == "cema-edge@v2" and "fog" not in server._sets
+    server._list_names()
+    with pytest.raises(ValueError, match="edge-fog@v1 does not fit"):
+        asyncio.run(server.get_param_set("fog"))

@@ -38,6 +38,25 @@ def test_unknown_job_is_named(tmp_path, capsys):
     assert "unknown job 'nope'" in capsys.readouterr().err
 
 
+def test_a_bad_job_config_is_named_before_any_trial_starts(tmp_path, capsys):
+    """An unknown key or a wrong value in --job-config fails the sweep at once, naming it (it used to
+    fail every trial inside Ray and surface as "No best trial found")."""
+    import pytest
+    import tune
+
+    def run(job, text):
+        (tmp_path / "job.yaml").write_text(text)
+        with pytest.raises(SystemExit):
+            tune.main(["--job", job, "--job-config", str(tmp_path / "job.yaml"), "--output-dir", str(tmp_path / "o"),
+                       "--storage", str(tmp_path / "s")])
+        return capsys.readouterr().err
+
+    assert "unknown key 'gdfq.bits-typo'" in run("gdfq", "gdfq:\n  bits_typo: 4\n")
+    assert "'cloud.edge_lr'" in run("cema", "cema:\n  cloud:\n    edge_lr: fast\n")
+    assert "top level must be a mapping" in run("tdmr", "- a\n- b\n")
+    assert not (tmp_path / "o" / "results.md").exists()
+
+
 def test_train_job_trials_leave_cpus_for_their_workers():
     """GDFQ and TDMR trials drive Ray Train runs: a trial holds almost nothing, its Train worker the
     CPU, so two trials on 2 CPUs cannot hold every CPU while their workers wait (they once could).

@@ -120,7 +120,11 @@ def _load_torchvision_cifar10(base: Path, split: str | None) -> ImageSet:
     train = split == "train"
     for candidate in (base, base / "cifar10"):
         if (candidate / "cifar-10-batches-py").is_dir():
-            ds = CIFAR10(str(candidate), train=train, download=False)
+            try:  # torchvision checks every batch file's MD5 before it unpickles it
+                ds = CIFAR10(str(candidate), train=train, download=False)
+            except RuntimeError as exc:
+                raise DatasetNotFound(f"CIFAR-10: {candidate / 'cifar-10-batches-py'} is incomplete or corrupt "
+                                      f"(torchvision: {exc}); replace it with the original download") from exc
             break
     else:
         try:
