@@ -200,9 +200,9 @@ def test_runs_with_one_run_name_are_isolated(ray_session, tmp_path):
 
     first = run("a")
     assert first["adapter"]["published"] > 0 and first["devices_on_newest_version"] > 0
-    edge_only = run("b", "--method", "tbr_stats")
+    edge_only = run("b", "--method", "tbr_stats", "--batches-per-device", "2")
     assert edge_only["devices_on_newest_version"] == 0  # the first run's edge-iso-* versions are not applied
-    second = run("c")
+    second = run("c", "--batches-per-device", "2")
     assert second["run_id"] != first["run_id"] and second["adapter"]["restored_from"] == 0
     assert second["adapter"]["acked_samples"] == second["adapter"]["processed_samples"]
     # (--resume of a run: test_driver_killed_mid_run_resumes_with_nothing_lost; an unknown one is named)

@@ -15,13 +15,19 @@ TINY = ["--gdfq.epochs", "3", "--gdfq.iters-per-epoch", "3", "--gdfq.batch-size"
         "--gdfq.range-update-epochs", "1", "--gdfq.lr-milestones", "2", "--eval-limit", "300"]
 
 
-def test_two_worker_job_publishes_a_loadable_quantized_model(ray_session, tmp_path):
+def test_two_worker_job_on_s3_publishes_a_loadable_quantized_model(ray_session, s3_server, tmp_path):
+    """Two workers, storage on S3 (moto's server): Ray Train checkpoints, the registry's tensors and
+    its ONNX copy all land there; the published model computes what the job's final model did."""
     import gdfq
+    from test_s3_storage import _keys
 
     from tdmr_ray.registry import Registry
 
-    summary = gdfq.main([*TINY, "--num-workers", "2", "--output-dir", str(tmp_path / "out"),
-                         "--storage", str(tmp_path / "store")])
+    storage = "s3://tdmr-test/jobs-gdfq"
+    summary = gdfq.main([*TINY, "--num-workers", "2", "--output-dir", str(tmp_path / "out"), "--storage", storage])
+    keys = _keys(s3_server, "jobs-gdfq/")
+    assert any(k.startswith("jobs-gdfq/ray-train/") and k.endswith("train_state.pt") for k in keys)
+    assert any(k.endswith("/v000001/model.onnx") for k in keys)
     m = summary["metrics"]
     assert m["epochs"] == 3 and [h["epoch"] for h in m["history"]] == [0, 1, 2]
     assert m["world_size"] == 2 and m["train_images_per_s"] > 0
@@ -30,7 +36,7 @@ def test_two_worker_job_publishes_a_loadable_quantized_model(ray_session, tmp_pa
     assert m["generator_agreement"] == round(m["history"][-1]["fp_acc_generated"], 1)
     assert 0 <= m["generator_agreement"] <= 100
     assert summary["registry_version"] == "resnet20-w4a4@v1"
-    model = Registry.for_storage(str(tmp_path / "store")).load_model("resnet20-w4a4")
+    model = Registry.for_storage(storage).load_model("resnet20-w4a4")
     from tdmr_ray.data import load_dataset
     from tdmr_ray.evaluation import accuracy
 
@@ -42,7 +48,7 @@ def test_two_worker_job_publishes_a_loadable_quantized_model(ray_session, tmp_pa
     for split in ("clean", "jpeg"):
         assert round(abs(m["onnx_top1"][split] - m["quantized_top1"][split]), 2) <= 0.1  # (figures in 0.01s)
     assert (tmp_path / "out" / "model.onnx").stat().st_size == m["onnx_bytes"]
-    from_onnx = Registry.for_storage(str(tmp_path / "store")).load_ref("resnet20-w4a4@v1:onnx")
+    from_onnx = Registry.for_storage(storage).load_ref("resnet20-w4a4@v1:onnx")
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(from_onnx(x), model(x))

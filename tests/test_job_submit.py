@@ -179,6 +179,8 @@ def test_ray_job_submit_runs_the_pipeline(ray_start_cluster):
         registry = Registry.for_storage(store)
         assert stages["tdmr"]["ref"] == "pipeline-target@v1" and stages["gdfq"]["ref"] == "pipeline-quantized@v1"
         assert registry.meta("pipeline-quantized", 1)["parent"] == "pipeline-target@v1"
+        # --no-onnx (in --gdfq-args): no ONNX copy in the registry or the stage's summary
+        assert "model.onnx" not in (registry.meta("pipeline-quantized", 1).get("files") or {})
         assert stages["fleet"]["quantized"]["edge"] == "pipeline-quantized@v1" and set(stages["fleet"]) == {"quantized"}
         assert stages["serve"]["model"] == "pipeline-quantized@v1" and 0 <= stages["serve"]["prediction"] < 10
         report = (out / "report.md").read_text()
