@@ -73,14 +73,13 @@ def cema_trial(config: dict) -> None:
     from ray import tune
 
     from .cema import run_stream
-    from .fleet.config import fleet_cema_config
     from .cema.streams import build_runs
     from .data import load_dataset
     from .models import create_model
 
     sweep = config["_sweep"]
     overrides = {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg = apply_overrides(fleet_cema_config(), {**sweep["job_overrides"], **overrides}, "trial")
+    cfg = apply_overrides(job_base_config("cema", sweep["preset"]), {**sweep["job_overrides"], **overrides}, "trial")
     torch.set_num_threads(1)
     runs = build_runs(load_dataset("cifar10-jpeg", "test"), sweep["corruptions"], sweep["severity"], "reset",
                       n_per_corruption=sweep["n_per_corruption"], seed=sweep["seed"])
@@ -104,7 +103,7 @@ def _train_job_trial(job: str):
         module = importlib.import_module(f"tdmr_ray.{job}.job")
         sweep = config["_sweep"]
         overrides = {k: v for k, v in config.items() if not k.startswith("_")}
-        cfg = apply_overrides(module.job_config(sweep["preset"]), {**sweep["job_overrides"], **overrides}, "trial")
+        cfg = apply_overrides(job_base_config(job, sweep["preset"]), {**sweep["job_overrides"], **overrides}, "trial")
         cfg.storage, cfg.num_workers, cfg.publish = sweep["storage"], 1, False
         cfg.val_images = cfg.val_images or sweep["val_images"]
         module.train(cfg, callbacks=[TuneReportCallback()], run_name=f"tune-{job}-{_trial_id()}",
@@ -122,17 +121,21 @@ def _trial_id() -> str:
 TRIALS = {"cema": cema_trial, "gdfq": _train_job_trial("gdfq"), "tdmr": _train_job_trial("tdmr")}
 
 
+def job_base_config(job: str, preset: str):
+    """The config a trial of ``job`` starts from, before the sweep's overrides: CEMA's algorithm with
+    the fleet's settings, or the Train job's preset."""
+    if job == "cema":
+        from .fleet.config import fleet_cema_config
+
+        return fleet_cema_config()
+    return importlib.import_module(f"tdmr_ray.{job}.job").job_config(preset)
+
+
 def check_job_overrides(cfg: SweepConfig, job_overrides: dict) -> None:
     """Apply ``job_overrides`` to the job's base config once, before any trial starts, so that an
     unknown key or a value of the wrong type is one error naming it (ConfigError, a ValueError)
     instead of every trial failing inside Ray."""
-    if cfg.job == "cema":
-        from .fleet.config import fleet_cema_config
-
-        apply_overrides(fleet_cema_config(), job_overrides, "--job-config (cema.*)")
-    else:
-        module = importlib.import_module(f"tdmr_ray.{cfg.job}.job")
-        apply_overrides(module.job_config(cfg.preset), job_overrides, "--job-config")
+    apply_overrides(job_base_config(cfg.job, cfg.preset), job_overrides, "--job-config")
 
 
 def run_sweep(cfg: SweepConfig, output_dir: Path, job_overrides: dict) -> dict:
